@@ -3,6 +3,14 @@
 __version__ = "0.1.0"
 
 from reslab.errors import ReslabError  # noqa: E402
-from reslab.models import create_model, list_models  # noqa: E402
 
 __all__ = ["ReslabError", "create_model", "list_models", "__version__"]
+
+
+def __getattr__(name):
+    # The model zoo imports torch; keep `import reslab` (and the CLI's start) cheap until it is used.
+    if name in ("create_model", "list_models"):
+        from reslab import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'reslab' has no attribute {name!r}")
