@@ -1,0 +1,324 @@
+"""Image folders: class subfolders (split by a seeded fraction) or train/ + val/ + test/.
+
+On a 2-core CPU, decoding and resizing JPEGs costs more than a small network's training step, so
+each image is decoded once (worker processes, JPEG draft mode), resized to the training size and
+kept in an on-disk uint8 cache keyed by the files' paths, sizes and times; later loads only read
+that array back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reslab.data.bundle import DataBundle, Split, cached_stats, stratified_split
+from reslab.data.download import data_root
+from reslab.data.images import IMAGE_EXTENSIONS, decode_image
+from reslab.errors import ReslabError
+
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_VAL_SPLIT = 0.2  # as image_dataset_from_directory(validation_split=0.2) in the course
+RESIZE = "center_crop"
+SPLIT_NAMES = ("train", "val", "test")
+# Bump when decoding changes, so old caches are not mistaken for new ones.
+CACHE_VERSION = 1
+# Above this the decoded cache is memory-mapped instead of read into memory.
+MMAP_BYTES = 2 << 30
+# Below this many files, starting worker processes costs more than it saves.
+MIN_FILES_FOR_WORKERS = 64
+
+
+class DataWarning(UserWarning):
+    """Something in the user's data was skipped; the run goes on."""
+
+
+@dataclass
+class _Scan:
+    classes: list[str]
+    files: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)], sorted
+    not_images: list[str]  # relative paths with an extension that is not an image's
+
+
+def _visible(entries) -> list[Path]:
+    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda p: p.name)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Every visible file below `folder`, in an order that is the same on any machine."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _scan_classes(root: Path, folder: Path, classes: list[str] | None, not_images: list[str]):
+    dirs = [d for d in _visible(folder.iterdir()) if d.is_dir()]
+    if not dirs:
+        raise ReslabError(
+            f"{folder} has no class subfolders; put each class's images in a subfolder named after it"
+        )
+    names = [d.name for d in dirs]
+    if classes is not None:
+        missing = sorted(set(classes) - set(names))
+        extra = sorted(set(names) - set(classes))
+        if missing:
+            raise ReslabError(
+                f"{folder} has no folder for class {', '.join(missing)} (train/ has {', '.join(classes)}); "
+                "add it with its images"
+            )
+        if extra:
+            raise ReslabError(
+                f"{folder} has class {', '.join(extra)} that train/ lacks; add it to train/ or remove it"
+            )
+    classes = classes or names
+    files = []
+    for d in dirs:
+        label = classes.index(d.name)
+        entries = _walk(d)
+        if not entries:
+            raise ReslabError(f"class folder {d} is empty; add images to it or remove it")
+        for path in entries:
+            rel = path.relative_to(root).as_posix()
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((rel, label))
+            else:
+                not_images.append(rel)
+    return classes, files
+
+
+def _scan(root: Path) -> _Scan:
+    subdirs = [d.name for d in _visible(root.iterdir()) if d.is_dir()]
+    not_images: list[str] = []
+    if subdirs and set(subdirs) <= set(SPLIT_NAMES):
+        files = {}
+        classes = None
+        # train/ defines the classes; val/ and test/ must hold the same ones.
+        for name in sorted(subdirs, key=SPLIT_NAMES.index):
+            classes, files[name] = _scan_classes(root, root / name, classes, not_images)
+        return _Scan(classes, files, not_images)
+    classes, files = _scan_classes(root, root, None, not_images)
+    return _Scan(classes, {"all": files}, not_images)
+
+
+def _decode_job(args):
+    path, image_size, resize = args
+    try:
+        return decode_image(path, image_size, 3, resize), None
+    except Exception as err:  # a corrupt file must never stop the load; it is reported instead
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _cache_key(root: Path, rels: list[str], image_size: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, image_size, RESIZE]).encode())
+    for rel in rels:
+        st = (root / rel).stat()
+        digest.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+def _decode_all(root: Path, rels: list[str], image_size: int, out: np.ndarray, workers: int, quiet: bool):
+    """Decode into `out` (N x 3 x S x S); returns {relative path: why it could not be read}."""
+    errors = {}
+    jobs = [(root / rel, image_size, RESIZE) for rel in rels]
+    progress = None
+    if not quiet:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        progress.start()
+        progress.add_task(f"decoding {root.name}", total=len(jobs))
+    try:
+        if workers > 1:
+            # fork: workers start in milliseconds and only ever run PIL and numpy.
+            context = multiprocessing.get_context("fork" if os.name == "posix" else None)
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                results = pool.map(_decode_job, jobs, chunksize=16)
+                for i, (array, error) in enumerate(results):
+                    _store(out, i, array, error, rels, errors, progress)
+        else:
+            for i, job in enumerate(jobs):
+                array, error = _decode_job(job)
+                _store(out, i, array, error, rels, errors, progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return errors
+
+
+def _store(out, i, array, error, rels, errors, progress):
+    if array is None:
+        errors[rels[i]] = error
+    else:
+        out[i] = array
+    if progress is not None:
+        progress.advance(progress.task_ids[0])
+
+
+def _load_cached(root: Path, rels: list[str], image_size: int, cache: Path, workers, quiet):
+    """The decoded images of `rels` (uint8 N x 3 x S x S) and their read errors, via the cache."""
+    key = _cache_key(root, rels, image_size)
+    entry = cache / key
+    if not (entry / "index.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{key}-"))
+        try:
+            out = np.lib.format.open_memmap(
+                tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(rels), 3, image_size, image_size)
+            )
+            if workers is None:
+                workers = (os.cpu_count() or 1) if len(rels) >= MIN_FILES_FOR_WORKERS else 1
+            errors = _decode_all(root, rels, image_size, out, workers, quiet)
+            out.flush()
+            del out
+            index = {"version": CACHE_VERSION, "root": str(root), "image_size": image_size,
+                     "resize": RESIZE, "files": rels, "errors": errors}
+            # index.json is written last: a cache entry without it is incomplete and never used.
+            (tmp / "index.json").write_text(json.dumps(index))
+            try:
+                tmp.rename(entry)
+            except OSError:  # another process finished the same entry first; theirs is as good
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    index = json.loads((entry / "index.json").read_text())
+    path = entry / "images.npy"
+    big = path.stat().st_size > MMAP_BYTES
+    # Copy-on-write mapping: pages are read on demand and torch gets a writable array.
+    images = np.load(path, mmap_mode="c" if big else None)
+    return torch.from_numpy(images), index["errors"], entry
+
+
+def _warn_skipped(root: Path, skipped: dict[str, str]) -> None:
+    if not skipped:
+        return
+    names = ", ".join(f"{rel} ({why})" for rel, why in list(skipped.items())[:3])
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    warnings.warn(
+        f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} in {root} that are not readable "
+        f"images: {names}{more}",
+        DataWarning,
+        stacklevel=4,
+    )
+
+
+def load_folder(
+    spec: str,
+    *,
+    image_size: int | None,
+    val_split: float | None,
+    seed: int,
+    data_dir: str | None,
+    quiet: bool,
+    workers: int | None = None,
+) -> DataBundle:
+    """A folder of class subfolders, or of train/ with val/ and/or test/, as a DataBundle.
+
+    Class subfolders only: `val_split` (default 0.2) of each class, chosen by `seed`, is held out
+    as val; test is None; `val_split=0` keeps everything in train (what `evaluate` wants). With
+    train/ + val/: `val_split` is refused, since val/ already decides. With train/ and test/ but no
+    val/: `val_split` (default 0.2) is carved out of train/. With no train/ (e.g. only test/ for
+    evaluation), train is empty.
+
+    Images are converted to RGB, then resized: shorter side to `image_size` (default 224), centre
+    crop. Files that cannot be read are skipped with one `DataWarning`.
+    """
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise ReslabError(f"data folder not found: {spec}; give digits, cifar10, cifar100 or an image folder")
+    root = root.resolve()
+    size = image_size or DEFAULT_IMAGE_SIZE
+    scan = _scan(root)
+    ordered = [(split, rel, label) for split, items in scan.files.items() for rel, label in items]
+    rels = [rel for _, rel, _ in ordered]
+    images, errors, entry = _load_cached(root, rels, size, data_root(data_dir) / "folders", workers, quiet)
+    _warn_skipped(root, {**{rel: "not an image file" for rel in scan.not_images}, **errors})
+
+    labels = torch.tensor([label for _, _, label in ordered], dtype=torch.int64)
+    readable = torch.tensor([rel not in errors for rel in rels])
+    splits: dict[str, torch.Tensor] = {}
+    for name in scan.files:
+        in_split = torch.tensor([split == name for split, _, _ in ordered]) & readable
+        splits[name] = torch.nonzero(in_split).flatten()
+        present = set(labels[splits[name]].tolist())
+        for label, cls in enumerate(scan.classes):
+            if label not in present:
+                where = root / cls if name == "all" else root / name / cls
+                raise ReslabError(f"class folder {where} holds no readable image; add images to it")
+
+    if "all" in splits:
+        fraction = DEFAULT_VAL_SPLIT if val_split is None else val_split
+        layout = "classes"
+        index = splits.pop("all")
+    else:
+        layout = "splits"
+        index = splits.pop("train", torch.zeros(0, dtype=torch.int64))
+        fraction = val_split
+        if "val" in splits and val_split is not None:
+            raise ReslabError(
+                f"--val-split {val_split} conflicts with {root / 'val'}; drop --val-split or remove val/"
+            )
+        if "val" not in splits and val_split is None and "train" in scan.files:
+            fraction = DEFAULT_VAL_SPLIT
+    if fraction is not None and not 0.0 <= fraction < 1.0:
+        raise ReslabError(f"--val-split must be in [0, 1), got {fraction}")
+    if fraction:
+        train_pos, val_pos = stratified_split(labels[index].numpy(), fraction, seed)
+        splits["val"] = index[torch.from_numpy(val_pos)]
+        index = index[torch.from_numpy(train_pos)]
+
+    def split(part: torch.Tensor | None) -> Split | None:
+        if part is None or len(part) == 0:
+            return None
+        return Split(images[part].contiguous(), labels[part].clone())
+
+    empty = Split(torch.zeros((0, 3, size, size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    train = split(index) or empty
+    val, test = split(splits.get("val")), split(splits.get("test"))
+    # With no train/ (a folder for evaluation only) the stats describe what there is.
+    stats_index = next(i for i in (index, splits.get("val"), splits.get("test")) if i is not None and len(i))
+    stats_key = hashlib.sha256("\0".join(rels[i] for i in stats_index).encode()).hexdigest()[:16]
+    mean, std = cached_stats(
+        entry / f"stats-{stats_key}.json", lambda: train.images if len(train) else split(stats_index).images
+    )
+    return DataBundle(
+        name=spec,
+        classes=list(scan.classes),
+        train=train,
+        val=val,
+        test=test,
+        in_channels=3,
+        image_size=size,
+        mean=mean,
+        std=std,
+        augment="folder",
+        source={
+            "kind": "folder",
+            "path": str(root),
+            "layout": layout,
+            "val_split": fraction,
+            "seed": seed,
+            "sizes": {"train": len(train), "val": len(val or ()), "test": len(test or ())},
+            "skipped": len(errors) + len(scan.not_images),
+            "cache": str(entry),
+        },
+        resize=RESIZE,
+    )
