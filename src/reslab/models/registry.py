@@ -1,0 +1,179 @@
+"""The model registry: every variant is a line of data, built by one `ResNet` builder.
+
+`create_model(name, **options)` and `list_models()` are the public doors. Options are checked
+here, at the door, with the received value echoed in the error (as Keras applications do).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from reslab.errors import ReslabError
+from reslab.models.blocks import BLOCKS
+from reslab.models.resnet import SHORTCUTS, ResNet
+
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered architecture: enough data to build it and to describe it."""
+
+    name: str
+    family: str  # "imagenet" (paper section 4.1 / torchvision) or "cifar" (section 4.2)
+    block: str  # a key of blocks.BLOCKS
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    groups: int = 1
+    width_per_group: int = 64
+    shortcut: str = "B"
+    source: str = ""
+
+    @property
+    def image_size(self) -> int:
+        return 224 if self.family == "imagenet" else 32
+
+    @property
+    def residual(self) -> bool:
+        return BLOCKS[self.block].residual
+
+    @property
+    def depth(self) -> int:
+        layers_per_block = 3 if BLOCKS[self.block].expansion == 4 else 2
+        return layers_per_block * sum(self.depths) + 2
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    if spec.block not in BLOCKS:
+        raise ValueError(f"unknown block {spec.block!r} for {spec.name!r}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+# ImageNet family: paper Table 1; ResNeXt (Xie et al., 2017) and Wide ResNet (Zagoruyko and
+# Komodakis, 2016) are the same builder with grouped or wider 3x3 convolutions.
+_IMAGENET = {
+    "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
+    "resnet34": ("basic", (3, 4, 6, 3), 1, 64),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
+    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
+    "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
+    "resnext101_64x4d": ("bottleneck", (3, 4, 23, 3), 64, 4),
+    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 1, 128),
+    "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3), 1, 128),
+    "plain18": ("plain", (2, 2, 2, 2), 1, 64),
+    "plain34": ("plain", (3, 4, 6, 3), 1, 64),
+    "preact_resnet18": ("preact_basic", (2, 2, 2, 2), 1, 64),
+    "preact_resnet34": ("preact_basic", (3, 4, 6, 3), 1, 64),
+    "preact_resnet50": ("preact_bottleneck", (3, 4, 6, 3), 1, 64),
+    "preact_resnet101": ("preact_bottleneck", (3, 4, 23, 3), 1, 64),
+    "preact_resnet152": ("preact_bottleneck", (3, 8, 36, 3), 1, 64),
+}
+for _name, (_block, _depths, _groups, _wpg) in _IMAGENET.items():
+    register(ModelSpec(_name, "imagenet", _block, _depths, IMAGENET_WIDTHS, _groups, _wpg, "B"))
+
+# CIFAR family (section 4.2): 6n+2 layers, three stages of n blocks; option A shortcuts.
+for _n in (3, 5, 7, 9, 18, 200):
+    register(ModelSpec(f"resnet{6 * _n + 2}", "cifar", "basic", (_n,) * 3, CIFAR_WIDTHS, shortcut="A"))
+for _n in (3, 5, 7, 9, 18):
+    register(ModelSpec(f"plain{6 * _n + 2}", "cifar", "plain", (_n,) * 3, CIFAR_WIDTHS, shortcut="A"))
+# "Identity Mappings" (He et al., 2016): pre-activation basic nets, and bottleneck nets of 9n+2
+# layers whose authors used projection shortcuts where the shape changes.
+for _n in (3, 9, 18):
+    register(ModelSpec(f"preact_resnet{6 * _n + 2}", "cifar", "preact_basic", (_n,) * 3, CIFAR_WIDTHS,
+                       shortcut="A"))
+for _n in (18, 111):
+    register(ModelSpec(f"preact_resnet{9 * _n + 2}", "cifar", "preact_bottleneck", (_n,) * 3,
+                       CIFAR_WIDTHS, shortcut="B"))
+
+# Any other 6n+2 depth by name: resnet14, plain8, preact_resnet38 ... (the experiments use them).
+_CIFAR_NAME = re.compile(r"^(resnet|plain|preact_resnet)(\d+)$")
+
+
+def _cifar_spec_for(name: str) -> ModelSpec | None:
+    m = _CIFAR_NAME.match(name)
+    if not m:
+        return None
+    kind, depth = m.group(1), int(m.group(2))
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise ReslabError(
+            f"model {name!r}: depth {depth} is not 6n+2 with n >= 1; CIFAR nets have 3 stages of n "
+            f"blocks of 2 layers plus the first conv and the fc (e.g. {kind}20, {kind}56)"
+        )
+    block = {"resnet": "basic", "plain": "plain", "preact_resnet": "preact_basic"}[kind]
+    return ModelSpec(name, "cifar", block, ((depth - 2) // 6,) * 3, CIFAR_WIDTHS, shortcut="A")
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Registered model names, optionally of one family ("imagenet" or "cifar")."""
+    return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if not isinstance(name, str):
+        raise ReslabError(f"model name must be a string, got {name!r}")
+    spec = _REGISTRY.get(name) or _cifar_spec_for(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `reslab models` for the list"
+        raise ReslabError(f"unknown model {name!r}: {hint}")
+    return spec
+
+
+OPTIONS = ("num_classes", "in_channels", "zero_init_residual", "shortcut", "stride_in_1x1")
+
+
+def create_model(name: str, **options) -> ResNet:
+    """Build a registered ResNet.
+
+    Options: `num_classes` (default 1000 for ImageNet nets, 10 for CIFAR nets; 0 returns pooled
+    features), `in_channels` (3; 1 for grayscale), `zero_init_residual` (False), `shortcut`
+    ("A", "B" or "C"), `stride_in_1x1` (ImageNet bottleneck nets: the original paper's and
+    Keras's placement of the downsampling stride; torchvision's "v1.5" placement by default).
+    """
+    spec = get_model_spec(name)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ReslabError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
+                          f"valid options: {', '.join(OPTIONS)}")
+    num_classes = options.get("num_classes", 1000 if spec.family == "imagenet" else 10)
+    in_channels = options.get("in_channels", 3)
+    shortcut = options.get("shortcut")
+    stride_in_1x1 = options.get("stride_in_1x1", False)
+    for key, value, low in (("num_classes", num_classes, 0), ("in_channels", in_channels, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ReslabError(f"create_model({name!r}): {key} must be an integer >= {low}, got {value!r}")
+    if shortcut is None:
+        shortcut = spec.shortcut
+    elif not spec.residual:
+        raise ReslabError(f"create_model({name!r}): a plain net has no shortcuts, so shortcut={shortcut!r} "
+                          "cannot apply; use the resnet of the same depth")
+    if shortcut not in SHORTCUTS:
+        raise ReslabError(f"create_model({name!r}): shortcut must be 'A', 'B' or 'C' (paper section 3.3), "
+                          f"got {shortcut!r}")
+    if stride_in_1x1 and spec.family != "imagenet":
+        raise ReslabError(f"create_model({name!r}): stride_in_1x1 places the stride of ImageNet bottleneck "
+                          "blocks; CIFAR nets downsample in their first 3x3 conv as the paper does")
+    return ResNet(
+        BLOCKS[spec.block],
+        list(spec.depths),
+        list(spec.widths),
+        stem=spec.family,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        groups=spec.groups,
+        width_per_group=spec.width_per_group,
+        shortcut=shortcut,
+        stride_in_1x1=bool(stride_in_1x1),
+        zero_init_residual=bool(options.get("zero_init_residual", False)),
+    )
