@@ -7,13 +7,14 @@ takes data and a path, writes a PNG and returns the path.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from reslab.io import atomic_path  # noqa: E402
 
 # One palette for the whole package; plain nets and residual nets keep the same colour per depth.
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -45,17 +46,11 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float 
 
 
 def save(fig, path: str | os.PathLike) -> Path:
-    """Write atomically (temporary file, then rename) so a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (see reslab.io) so a reader never sees half a PNG."""
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

@@ -71,13 +71,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.numeric", "_frombuffer"),  # protocol 5
         ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3 (str -> bytes)
     }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
         # numpy 2 renamed numpy.core to numpy._core; old pickles name the old module.
-        if module.startswith("numpy.core") and hasattr(np, "_core"):
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
             module = "numpy._core" + module[len("numpy.core") :]
         return getattr(importlib.import_module(module), name)
 

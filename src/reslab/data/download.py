@@ -7,6 +7,7 @@ Shared by the CIFAR archives and the transfer-learning weights: a download is wr
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import sys
 import time
@@ -112,7 +113,7 @@ def download(
         try:
             _fetch(url, part, quiet=quiet, timeout=timeout)
             problem = check_hash(part, md5=md5, sha256=sha256) or ""
-        except (urllib.error.URLError, OSError, ValueError) as err:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
             problem = str(getattr(err, "reason", None) or err)
         if not problem:
             os.replace(part, dest)

@@ -80,8 +80,9 @@ def decode_image(
     img = ImageOps.exif_transpose(img)
     img = _fit(_to_mode(img, in_channels), image_size, resize)
     arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    # PIL's buffer is read-only; torch wants to own writable memory.
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def preprocess_image(

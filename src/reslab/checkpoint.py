@@ -1,0 +1,127 @@
+"""reslab's own weight files: safetensors with everything needed to use them in the metadata.
+
+A `.safetensors` file holds only tensors and a flat str->str metadata map; no code can run when it
+is loaded. reslab stores there the model name and options, the class names and the
+preprocessing, so `reslab predict best.safetensors cat.jpg` needs nothing else.
+
+Foreign checkpoints (torchvision, timm, Keras, the wild) are the business of `reslab.transfer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+from reslab.io import atomic_path
+
+FORMAT = "reslab"
+FORMAT_VERSION = 1
+BEST, LAST = "best.safetensors", "last.safetensors"
+
+
+@dataclass
+class CheckpointMeta:
+    """What a reslab weights file says about itself."""
+
+    model: str
+    model_options: dict = field(default_factory=dict)  # create_model options, num_classes excluded
+    classes: list[str] = field(default_factory=list)
+    preprocessing: dict = field(default_factory=dict)  # see reslab.data.DataBundle.preprocessing()
+    extra: dict = field(default_factory=dict)  # epoch, val_acc, data, source of pretrained weights...
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "model": self.model,
+            "model_options": json.dumps(self.model_options),
+            "classes": json.dumps(self.classes),
+            "preprocessing": json.dumps(self.preprocessing),
+            "extra": json.dumps(self.extra),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path) -> CheckpointMeta:
+        if meta.get("format") != FORMAT:
+            raise ReslabError(
+                f"{path} is a safetensors file but not a reslab checkpoint (no reslab metadata); "
+                "to start from foreign weights use `reslab train --pretrained`"
+            )
+        try:
+            return cls(
+                model=meta["model"],
+                model_options=json.loads(meta.get("model_options", "{}")),
+                classes=json.loads(meta.get("classes", "[]")),
+                preprocessing=json.loads(meta.get("preprocessing", "{}")),
+                extra=json.loads(meta.get("extra", "{}")),
+            )
+        except (KeyError, ValueError) as err:
+            raise ReslabError(f"{path}: damaged reslab metadata ({err}); use another checkpoint") from None
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta) -> Path:
+    """Write the model's state dict and `meta` atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)  # DDP and torch.compile wrappers
+    model = getattr(model, "_orig_mod", model)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta.to_metadata())
+    return Path(path)
+
+
+def resolve(path_or_run: str | os.PathLike, prefer: str = BEST) -> Path:
+    """A weights file from a run directory (its best weights) or a file path; errors name the thing."""
+    path = Path(path_or_run)
+    if not path.exists():
+        raise ReslabError(f"no run directory or weights file at {path}; check the path")
+    if path.is_dir():
+        for name in (prefer, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise ReslabError(f"{path} holds no run (no {BEST} or {LAST}); give a run directory made by `reslab train`")
+    return path
+
+
+def read_weights(path_or_run: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """State dict and metadata of a reslab weights file or run directory. Never executes code."""
+    from safetensors import SafetensorError, safe_open
+
+    path = resolve(path_or_run)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = CheckpointMeta.from_metadata(f.metadata() or {}, path)
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ReslabError(f"{path} is not a readable safetensors checkpoint ({err}); give a reslab run or "
+                          "weights file") from None
+    return state, meta
+
+
+def build_model(meta: CheckpointMeta) -> nn.Module:
+    from reslab.models import create_model
+
+    return create_model(meta.model, num_classes=meta.num_classes, **meta.model_options)
+
+
+def load_model(path_or_run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model a reslab checkpoint describes and load its weights (strict), in eval mode."""
+    state, meta = read_weights(path_or_run)
+    model = build_model(meta)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ReslabError(f"{resolve(path_or_run)} does not match its own description ({meta.model}): {first}") from None
+    return model.to(device).eval(), meta
