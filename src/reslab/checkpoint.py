@@ -123,5 +123,6 @@ def load_model(path_or_run: str | os.PathLike, device: str | torch.device = "cpu
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise ReslabError(f"{resolve(path_or_run)} does not match its own description ({meta.model}): {first}") from None
+        where = resolve(path_or_run)
+        raise ReslabError(f"{where} does not match its own description ({meta.model}): {first}") from None
     return model.to(device).eval(), meta
