@@ -77,20 +77,22 @@ class DataBundle:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0,1] units, accumulated in float64 over chunks."""
+    """Per-channel mean and std in [0,1] units (population std), exact.
+
+    A 256-bin histogram per channel gives both moments without a float copy of the images.
+    """
     channels = images.shape[1]
     if images.shape[0] == 0:
         return (0.5,) * channels, (0.25,) * channels
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
-    count = 0
+    counts = torch.zeros(channels, 256, dtype=torch.float64)
     for start in range(0, images.shape[0], 1024):
-        chunk = images[start : start + 1024].to(torch.float64).transpose(0, 1).reshape(channels, -1)
-        total += chunk.sum(1)
-        total_sq += (chunk * chunk).sum(1)
-        count += chunk.shape[1]
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+        chunk = images[start : start + 1024]
+        for c in range(channels):
+            counts[c] += torch.bincount(chunk[:, c].flatten(), minlength=256).double()
+    levels = torch.arange(256, dtype=torch.float64)
+    n = counts.sum(1)
+    mean = (counts * levels).sum(1) / n
+    std = ((counts * (levels - mean[:, None]) ** 2).sum(1) / n).sqrt()
     # A constant channel would divide by zero when normalizing.
     std = std.clamp_min(1e-3 * 255)
     return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)

@@ -77,7 +77,7 @@ def decode_image(
     if img.format == "JPEG" and min(img.size) >= _DRAFT_FACTOR * image_size:
         # Draft keeps both sides >= the request, so the shorter side still covers image_size.
         img.draft("L" if in_channels == 1 else "RGB", (image_size, image_size))
-    img = ImageOps.exif_transpose(img)
+    ImageOps.exif_transpose(img, in_place=True)
     img = _fit(_to_mode(img, in_channels), image_size, resize)
     arr = np.asarray(img, dtype=np.uint8)
     arr = np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
