@@ -1,0 +1,130 @@
+"""`reslab experiment degradation|gradients|responses`: the paper's figures, numbers in JSON."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="experiment", metavar="NAME", required=True)
+
+    deg = sub.add_parser("degradation", help="plain vs residual nets of each depth, same recipe (paper Fig. 6)")
+    deg.add_argument("--data", default="digits", help="data set: digits (default), cifar10, cifar100 or a folder")
+    deg.add_argument("--depths", type=int, nargs="+", default=None, metavar="D",
+                     help="6n+2 depths; a plain and a residual net of each (default 20 56)")
+    deg.add_argument("--epochs", type=int, default=None, help="epochs per net (default: see docs/experiments.md)")
+    deg.add_argument("--batch-size", type=int, default=None)
+    deg.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.1)")
+    deg.add_argument("--recipe", choices=["paper", "fast"], default="fast")
+    deg.add_argument("--image-size", type=int, default=None, help="input side in pixels")
+    deg.add_argument("--seed", type=int, default=0)
+    deg.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto")
+    deg.add_argument("--out", default=None, help="folder (default runs/experiment-degradation-<time>/)")
+    deg.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+
+    grad = sub.add_parser("gradients", help="gradient norm reaching each layer, plain vs residual")
+    grad.add_argument("models", nargs="*", metavar="MODEL",
+                      help="CIFAR-family names (default plain20 resnet20 plain56 resnet56)")
+    grad.add_argument("--data", default="digits")
+    grad.add_argument("--steps", type=int, default=20, help="SGD steps between the two measurements (default 20)")
+    grad.add_argument("--batch-size", type=int, default=64)
+    grad.add_argument("--lr", type=float, default=0.1)
+    grad.add_argument("--image-size", type=int, default=None,
+                      help="input side (default: the family's native input, 32)")
+    grad.add_argument("--seed", type=int, default=0)
+    grad.add_argument("--out", default=None, help="folder (default runs/experiment-gradients-<time>/)")
+
+    resp = sub.add_parser("responses", help="std of each residual function's output (paper Fig. 7)")
+    resp.add_argument("sources", nargs="*", metavar="RUN_OR_MODEL",
+                      help="trained run directories or weights files, or model names for initialized nets "
+                           "(default plain20 resnet20 plain56 resnet56)")
+    resp.add_argument("--data", default=None, help="images to measure on (default: each run's own data; digits)")
+    resp.add_argument("--split", choices=["test", "val", "train"], default="test")
+    resp.add_argument("--max-images", type=int, default=1000)
+    resp.add_argument("--image-size", type=int, default=None, help="model names only (default: native input)")
+    resp.add_argument("--seed", type=int, default=0)
+    resp.add_argument("--out", default=None, help="folder (default runs/experiment-responses-<time>/)")
+
+
+def _announce(console):
+    def progress(k: int, n: int, name: str) -> None:
+        console.rule(f"[bold]model {k + 1} of {n}: {name}")
+
+    return progress
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    if args.experiment == "degradation":
+        return _degradation(args, console)
+    if args.experiment == "gradients":
+        return _gradients(args, console)
+    return _responses(args, console)
+
+
+def _gradients(args, console) -> int:
+    from rich.table import Table
+
+    from reslab.experiments import GradientsConfig, run_gradients
+
+    config = GradientsConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             image_size=args.image_size, seed=args.seed, out=args.out,
+                             **({"models": args.models} if args.models else {}))
+    summary = run_gradients(config, progress=_announce(console))
+    table = Table(title=f"gradient norm ||dL/dW||: first layer / last layer (after {config.steps} steps)")
+    for col in ("model", "layers", "init first", "init last", "after first", "after last"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in summary["models"].items():
+        table.add_row(name, str(len(m["layers"])), f"{m['init'][0]:.3g}", f"{m['init'][-1]:.3g}",
+                      f"{m['after'][0]:.3g}", f"{m['after'][-1]:.3g}")
+    console.print(table)
+    print(f"wrote {summary['settings']['out']}/gradients.json and gradients.png")
+    return 0
+
+
+def _responses(args, console) -> int:
+    from rich.table import Table
+
+    from reslab.experiments import ResponsesConfig, run_responses
+
+    config = ResponsesConfig(data=args.data, split=args.split, max_images=args.max_images,
+                             image_size=args.image_size, seed=args.seed, out=args.out,
+                             **({"sources": args.sources} if args.sources else {}))
+    summary = run_responses(config, progress=_announce(console))
+    table = Table(title="std of residual-function responses (after the last BN, before the add)")
+    for col in ("net", "weights", "blocks", "mean std", "max std", "images"):
+        table.add_column(col, justify="left" if col in ("net", "weights") else "right")
+    for name, m in summary["models"].items():
+        stds = m["std"]
+        table.add_row(name, "trained" if m["trained"] else "initialized", str(len(stds)),
+                      f"{sum(stds) / len(stds):.3f}", f"{max(stds):.3f}", f"{m['images']} {m['split']}")
+    console.print(table)
+    print(f"wrote {summary['settings']['out']}/responses.json and responses.png")
+    return 0
+
+
+def _degradation(args, console) -> int:
+    from rich.table import Table
+
+    from reslab.experiments import DegradationConfig, run_degradation
+
+    options = {k: getattr(args, k) for k in ("depths", "epochs", "batch_size", "lr", "image_size")
+               if getattr(args, k) is not None}
+    config = DegradationConfig(data=args.data, recipe=args.recipe, seed=args.seed, precision=args.precision,
+                               out=args.out, quiet=args.quiet, **options)
+    summary = run_degradation(config, progress=_announce(console))
+    table = Table(title="degradation: errors after the last epoch (paper Figure 6)")
+    for col in ("model", "final train err", "train err (eval)", "best train err", "final val err", "test err",
+                "seconds"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    for name, m in summary["models"].items():
+        table.add_row(name, pct(m["final_train_error"]), pct(m.get("train_error_eval")),
+                      pct(m["best_train_error"]), pct(m["final_val_error"]), pct(m["test_error"]),
+                      f"{m['seconds']:.0f}")
+    console.print(table)
+    print(f"wrote {summary['settings']['out']}/summary.json, metrics.csv and degradation.png")
+    return 0

@@ -1,0 +1,9 @@
+"""The paper's experiments: degradation (Figure 6), vanishing gradients, layer responses (Figure 7).
+
+Each takes a typed config, writes its JSON and figure into `config.out`, and returns the JSON.
+"""
+
+from reslab.experiments.gradients import GradientsConfig, run_gradients
+from reslab.experiments.responses import ResponsesConfig, run_responses
+
+__all__ = ["GradientsConfig", "ResponsesConfig", "run_gradients", "run_responses"]
