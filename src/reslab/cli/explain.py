@@ -1,0 +1,54 @@
+"""`reslab explain`: Grad-CAM overlays, each beside the image's top-k probabilities, as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("source", metavar="RUN_OR_CKPT", help="run directory or reslab weights file")
+    parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    parser.add_argument("--layer", default=None,
+                        help="module whose feature maps are explained (default: the last stage)")
+    parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                        help="explain this class instead of the predicted one")
+    parser.add_argument("--top-k", type=int, default=5, help="probabilities shown beside the overlay (default 5)")
+    parser.add_argument("--out", default="explain", help="folder for the PNG files (default ./explain)")
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from reslab import plots
+    from reslab.errors import ReslabError
+    from reslab.explain import Explainer
+    from reslab.infer import Predictor
+
+    if args.top_k < 1:
+        raise ReslabError(f"--top-k must be at least 1, got {args.top_k}")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise ReslabError(f"image not found: {missing[0]}; give the path of an existing image file")
+    explainer = Explainer(Predictor(args.source), args.layer)
+    explainer.class_index(args.class_name)  # an unknown --class fails before any work
+    out = Path(args.out)
+    table = Table(title=f"Grad-CAM of {explainer.predictor.meta.model}, layer {explainer.layer}")
+    for col in ("image", "explained class", "probability", "top class", "figure"):
+        table.add_column(col)
+    used: set[str] = set()
+    for image in args.images:
+        result = explainer.explain(image, args.class_name, top_k=args.top_k)
+        stem, n = Path(image).stem, 1
+        name = f"{stem}-gradcam.png"
+        while name in used:  # two images called cat.jpg in different folders
+            n += 1
+            name = f"{stem}-{n}-gradcam.png"
+        used.add(name)
+        path = plots.gradcam(out / name, result.image, result.overlay(), result.top_k,
+                             explained=result.class_name, layer=result.layer, title=Path(image).name)
+        probability = dict(result.top_k).get(result.class_name)
+        table.add_row(str(image), result.class_name, "" if probability is None else f"{probability:.1%}",
+                      f"{result.top_k[0][0]} ({result.top_k[0][1]:.1%})", str(path))
+    Console().print(table)
+    return 0
