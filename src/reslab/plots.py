@@ -100,3 +100,79 @@ def gradcam(path: str | os.PathLike, image, overlay, top_k, *, explained: str, l
     if title:
         fig.suptitle(f"{title}  (layer {layer})", fontsize=10)
     return save(fig, path)
+
+
+# --- The paper's experiments (reslab.experiments) ------------------------------------------------
+
+
+def depth_colours(depths) -> dict[int, str]:
+    """One colour per depth, shared by the plain and the residual net of that depth (paper Fig. 6)."""
+    return {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(sorted(set(depths)))}
+
+
+def _net_label(name: str, info: dict) -> str:
+    return name if info.get("trained", True) else f"{name} (initialized)"
+
+
+def degradation(curves: dict[str, dict], path: str | os.PathLike) -> Path:
+    """Paper Figure 6: plain nets left, residual nets right; training error dashed, validation solid.
+
+    `curves` maps a model name to {"depth", "residual", "epoch": [...], "train_error": [...],
+    "val_error": [...]} with errors as fractions (drawn as percentages, as the paper does).
+    """
+    colours = depth_colours(c["depth"] for c in curves.values())
+    fig, axes = figure(2, 1, width=4.6, height=3.6, sharey=True)
+    panels = {False: axes[0, 0], True: axes[0, 1]}
+    for name, c in sorted(curves.items(), key=lambda kv: kv[1]["depth"]):
+        ax, colour = panels[bool(c["residual"])], colours[c["depth"]]
+        ax.plot(c["epoch"], [100 * e for e in c["train_error"]], "--", color=colour, lw=1.2)
+        # A data set without a validation split has no solid line; the legend still names the net.
+        val = [float("nan") if e is None else 100 * e for e in c["val_error"]]
+        ax.plot(c["epoch"], val, "-", color=colour, lw=2, label=name)
+    for residual, ax in panels.items():
+        ax.set_title("residual nets" if residual else "plain nets")
+        ax.set_xlabel("epoch")
+        ax.legend(loc="upper right")
+    panels[False].set_ylabel("error (%)")
+    fig.text(0.5, 0.005, "dashed: training error, bold: validation error", ha="center", fontsize=8)
+    fig.subplots_adjust(bottom=0.2)
+    return save(fig, path)
+
+
+def gradient_norms(summary: dict, path: str | os.PathLike) -> Path:
+    """Gradient norm per weight layer (input side left), log scale; at initialization and after N steps."""
+    models = summary["models"]
+    colours = depth_colours(m["depth"] for m in models.values())
+    steps = summary["settings"]["steps"]
+    fig, axes = figure(2, 1, width=4.8, height=3.6, sharey=True)
+    for ax, key, title in ((axes[0, 0], "init", "at initialization"),
+                           (axes[0, 1], "after", f"after {steps} SGD steps")):
+        for name, m in models.items():
+            layer = range(1, len(m[key]) + 1)
+            ax.plot(layer, m[key], "-" if m["residual"] else "--", color=colours[m["depth"]], lw=1.4,
+                    marker="o" if m["residual"] else "x", ms=2.5, label=name)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("layer (input side -> output side)")
+    axes[0, 0].set_ylabel("||dL/dW|| (L2)")
+    axes[0, 1].legend(loc="best", fontsize=8)
+    return save(fig, path)
+
+
+def layer_responses(summary: dict, path: str | os.PathLike) -> Path:
+    """Paper Figure 7: std of each block's residual-function output, in layer order and sorted."""
+    models = summary["models"]
+    colours = depth_colours(m["depth"] for m in models.values())
+    fig, axes = figure(1, 2, width=7.0, height=2.8)
+    for name, m in models.items():
+        style = dict(color=colours[m["depth"]], lw=1.4, ls="-" if m["residual"] else "--",
+                     marker="o" if m["residual"] else "x", ms=2.5, label=_net_label(name, m))
+        index = range(1, len(m["std"]) + 1)
+        axes[0, 0].plot(index, m["std"], **style)
+        axes[1, 0].plot(index, sorted(m["std"], reverse=True), **style)
+    axes[0, 0].set_xlabel("block (original order)")
+    axes[1, 0].set_xlabel("block (sorted by magnitude)")
+    for ax in axes.flat:
+        ax.set_ylabel("std of response")
+    axes[0, 0].legend(loc="best", fontsize=8)
+    return save(fig, path)
