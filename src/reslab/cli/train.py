@@ -1,0 +1,83 @@
+"""`reslab train`: fills a TrainConfig from the options and runs reslab.train.train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from reslab.errors import ReslabError
+
+# Options that may accompany --resume: the rest come from the run's config.json.
+RESUME_OPTIONS = {"resume", "epochs", "quiet", "device"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", help="model name (default resnet20; `reslab models` lists them)")
+    add("--data", help="digits (default), cifar10, cifar100, or an image folder")
+    add("--data-dir", help="cache folder for downloads and decoded folders (default $RESLAB_DATA or ~/.cache/reslab)")
+    add("--recipe", help="paper (section 4.2: SGD 0.1, lr/10 at 50%% and 75%%) or fast (default: one-cycle, "
+                         "label smoothing)")
+    add("--epochs", type=int, help="epochs (recipe default: fast 8, paper 182)")
+    add("--batch-size", type=int, help="batch size (default 128)")
+    add("--lr", type=float, help="peak learning rate (recipe default)")
+    add("--optimizer", help="sgd, adam or adamw (default sgd)")
+    add("--momentum", type=float, help="SGD momentum (default 0.9)")
+    add("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (fast: on)")
+    add("--weight-decay", type=float, help="weight decay (recipe default)")
+    add("--schedule", help="step, onecycle, cosine or constant (recipe default)")
+    add("--warmup-epochs", type=float, help="epochs of linear warm-up")
+    add("--label-smoothing", type=float, help="label smoothing (fast 0.1, paper 0)")
+    add("--image-size", type=int, help="input size (default: the model family's, 32 CIFAR / 224 ImageNet)")
+    add("--seed", type=int, help="seed of the split, the initial weights and the batch order (default 0)")
+    add("--precision", help="fp32, bf16 or auto (default: bf16 only where the hardware runs it fast)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="channels-last memory format (default: with bf16 or on a GPU)")
+    add("--compile", action="store_true", default=None, help="torch.compile the model")
+    add("--grad-clip", type=float, help="clip the global gradient norm to this")
+    add("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without a better val accuracy")
+    add("--val-split", type=float, help="fraction of the training data held out for validation")
+    add("--augment", help="augmentation policy: none, cifar, folder, keras (default: the data's)")
+    add("--shortcut", help="shortcut option A, B or C (paper section 3.3; default: the model's)")
+    add("--out", help="run directory (default runs/<model>-<data>-<time>/)")
+    add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add("--pretrained", metavar="SRC", help="start from these weights (see reslab.transfer)")
+    add("--pretrained-sha256", help="expected SHA-256 of the --pretrained file")
+    add("--freeze", metavar="UNTIL", help="freeze pretrained layers up to this stage (e.g. layer3)")
+    add("--head-lr-mult", type=float, help="learning-rate multiplier of the classifier")
+    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add("--quiet", action="store_true", default=None, help="no progress bar or epoch lines (for logs)")
+
+
+def config_from_args(args):
+    from dataclasses import fields
+
+    from reslab.train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "resume" in given:
+        extra = sorted(set(given) - RESUME_OPTIONS)
+        if extra:
+            raise ReslabError(f"--resume continues a run with its own settings; drop "
+                              f"{', '.join('--' + k.replace('_', '-') for k in extra)} (only --epochs may change)")
+    return TrainConfig(**given)
+
+
+def run(args) -> int:
+    from reslab.train import train
+
+    summary = train(config_from_args(args))
+    run_dir = summary["run_dir"]
+    if summary["interrupted"]:
+        print(f"reslab train: interrupted; checkpoint written. Continue with: reslab train --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    print(f"{summary['model']} on {summary['data']}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s "
+          f"({summary['images_per_second']} img/s), best val acc {pct(summary['best_val_acc'])}, "
+          f"test acc {pct(summary['test_acc'])}; run in {run_dir}")
+    return 0

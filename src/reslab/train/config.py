@@ -1,0 +1,164 @@
+"""The training configuration: one typed dataclass, filled by the CLI, resolved by a recipe, saved.
+
+Fields left `None` are filled by the recipe (`resolve()`); the resolved config is what config.json
+holds, so a run can be rebuilt from it.
+
+Recipe defaults (a field given explicitly always wins):
+
+| field           | `paper` (section 4.2)            | `fast` (default)                         |
+| --------------- | -------------------------------- | ---------------------------------------- |
+| optimizer       | sgd, momentum 0.9                | sgd, momentum 0.9, Nesterov              |
+| lr              | 0.1 (adam/adamw: 1e-3)           | 0.2 (adam/adamw: 3e-3)                   |
+| weight_decay    | 1e-4 on every parameter          | 5e-4 (adamw: 0.05), none on norms/biases |
+| batch_size      | 128                              | 128                                      |
+| schedule        | step: lr/10 at 50% and 75%       | onecycle: linear up for 25%, then down   |
+| label_smoothing | 0                                | 0.1                                      |
+| epochs          | 182 (64k iterations, 45k images) | 8                                        |
+
+The paper divides the lr by 10 at 32k and 48k of 64k iterations: 50% and 75% of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+from reslab.errors import ReslabError
+
+RECIPES = ("paper", "fast")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "onecycle", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
+
+# Per recipe: the values that fill fields left None (lr and weight decay depend on the optimizer).
+_RECIPE_DEFAULTS = {
+    "paper": dict(optimizer="sgd", momentum=0.9, nesterov=False, batch_size=128, schedule="step",
+                  label_smoothing=0.0, epochs=182, warmup_epochs=0.0),
+    "fast": dict(optimizer="sgd", momentum=0.9, nesterov=True, batch_size=128, schedule="onecycle",
+                 label_smoothing=0.1, epochs=8),
+}
+_LR = {"paper": {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}, "fast": {"sgd": 0.2, "adam": 3e-3, "adamw": 3e-3}}
+_WEIGHT_DECAY = {"paper": {"sgd": 1e-4, "adam": 1e-4, "adamw": 1e-4},
+                 "fast": {"sgd": 5e-4, "adam": 5e-4, "adamw": 0.05}}
+# One-cycle spends this share of training warming up (as torch's OneCycleLR pct_start default 0.3,
+# rounded to what the digits sweep liked); cosine warms up for one epoch.
+ONECYCLE_WARMUP = 0.25
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. `None` means "the recipe's default" until `resolve()`."""
+
+    model: str = "resnet20"
+    data: str = "digits"
+    data_dir: str | None = None  # cache for downloads and decoded folders
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    recipe: str = "fast"
+    schedule: str | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    image_size: int | None = None  # None: the model family's native input (32 CIFAR, 224 ImageNet)
+    seed: int = 0
+    precision: str = "auto"
+    channels_last: bool | None = None  # None: on where bf16 is fast or on a GPU
+    compile: bool = False
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    early_stop: int | None = None  # patience in epochs without a better val accuracy; None: off
+    val_split: float | None = None  # None: the data's default
+    augment: str | None = None  # None: the data's default policy
+    shortcut: str | None = None  # CIFAR/ImageNet shortcut option A/B/C; None: the model's default
+    out: str | None = None  # None: runs/<model>-<data>-<time>/
+    resume: str | None = None
+    pretrained: str | None = None
+    pretrained_sha256: str | None = None
+    freeze: str | None = None
+    head_lr_mult: float = 1.0
+    quiet: bool = False
+    device: str | None = None  # None: cuda when available, else cpu
+    no_decay_norm_bias: bool | None = None  # None: the recipe's (fast: True, paper: False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from a dict (config.json's keys); unknown keys are refused, naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ReslabError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolve(self) -> TrainConfig:
+        """A copy with every recipe default filled in and every value checked."""
+        if self.recipe not in RECIPES:
+            raise ReslabError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        cfg = dataclasses.replace(self)
+        for key, value in _RECIPE_DEFAULTS[cfg.recipe].items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.optimizer not in OPTIMIZERS:
+            raise ReslabError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if cfg.lr is None:
+            cfg.lr = _LR[cfg.recipe][cfg.optimizer]
+        if cfg.weight_decay is None:
+            cfg.weight_decay = _WEIGHT_DECAY[cfg.recipe][cfg.optimizer]
+        if cfg.no_decay_norm_bias is None:
+            cfg.no_decay_norm_bias = cfg.recipe == "fast"
+        if cfg.warmup_epochs is None:
+            cfg.warmup_epochs = ONECYCLE_WARMUP * cfg.epochs if cfg.schedule == "onecycle" else (
+                1.0 if cfg.schedule == "cosine" else 0.0)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Refuse impossible values with the reason and the value received."""
+
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ReslabError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
+
+        positive_int("epochs")
+        positive_int("batch_size")
+        if self.image_size is not None:
+            positive_int("image_size")
+        if self.early_stop is not None:
+            positive_int("early_stop")
+        if self.schedule not in SCHEDULES:
+            raise ReslabError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ReslabError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "head_lr_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ReslabError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise ReslabError(f"--lr must be positive, got {self.lr!r}")
+        if self.momentum >= 1:
+            raise ReslabError(f"--momentum must be below 1, got {self.momentum!r}")
+        if self.label_smoothing >= 1:
+            raise ReslabError(f"--label-smoothing must be below 1, got {self.label_smoothing!r}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ReslabError(f"Nesterov momentum needs --optimizer sgd with momentum > 0 "
+                              f"(got {self.optimizer}, momentum {self.momentum})")
+        if self.warmup_epochs > self.epochs:
+            raise ReslabError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            raise ReslabError(f"--grad-clip must be a positive number, got {self.grad_clip!r}")
+        if self.val_split is not None and not 0.0 <= self.val_split < 1.0:
+            raise ReslabError(f"--val-split must be a fraction in [0, 1), got {self.val_split}")
+        if self.early_stop is not None and self.val_split == 0:
+            raise ReslabError("--early-stop watches the validation accuracy, but --val-split 0 leaves no "
+                              "validation data; give --val-split > 0 or drop --early-stop")
+        if self.freeze is not None and self.pretrained is None:
+            raise ReslabError(f"--freeze {self.freeze} freezes pretrained layers; give --pretrained SRC too")
+        if self.pretrained_sha256 is not None and self.pretrained is None:
+            raise ReslabError("--pretrained-sha256 checks pretrained weights; give --pretrained SRC too")
