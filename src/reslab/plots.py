@@ -176,3 +176,86 @@ def layer_responses(summary: dict, path: str | os.PathLike) -> Path:
         ax.set_ylabel("std of response")
     axes[0, 0].legend(loc="best", fontsize=8)
     return save(fig, path)
+
+
+def curves(path: str | os.PathLike, rows) -> Path:
+    """Training curves from metrics rows (epoch, lr, train_loss, train_acc, val_loss, val_acc, ...):
+    loss and accuracy, train against validation, one panel each."""
+    fig, axes = figure(2, 1, width=4.6, height=3.4)
+    epochs = [r[0] for r in rows]
+    for ax, (train_i, val_i, name) in zip(axes[0], ((2, 4, "loss"), (3, 5, "accuracy"))):
+        ax.plot(epochs, [r[train_i] for r in rows], marker="o", ms=3, label="train")
+        val = [(e, r[val_i]) for e, r in zip(epochs, rows) if r[val_i] is not None]
+        if val:
+            ax.plot(*zip(*val), marker="o", ms=3, label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.set_title(name)
+        ax.legend()
+    if epochs:
+        axes[0, 0].set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
+    return save(fig, path)
+
+
+def confusion(path: str | os.PathLike, matrix, classes, *, title: str = "confusion matrix") -> Path:
+    """Row-normalized confusion matrix (rows: true class, columns: predicted), counts written in."""
+    import numpy as np
+
+    matrix = np.asarray(matrix)
+    n = len(classes)
+    side = min(max(3.2, 0.45 * n + 1.6), 14)
+    fig, axes = figure(1, 1, width=side + 0.8, height=side)
+    ax = axes[0, 0]
+    ax.grid(False)
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90 if max(map(len, classes)) > 3 else 0)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return save(fig, path)
+
+
+def samples(path: str | os.PathLike, images, true, predicted, classes, *, probabilities=None, ncols: int = 8) -> Path:
+    """A grid of images titled "true / predicted"; wrong predictions in red with a red frame.
+
+    `images`: uint8 N x C x H x W (C = 1 or 3), as the data pipeline stores them.
+    """
+    import numpy as np
+
+    images = np.asarray(images)
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = figure(ncols, nrows, width=1.55, height=1.75)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        picture = images[k].transpose(1, 2, 0)
+        gray = picture.shape[2] == 1
+        ax.imshow(picture[..., 0] if gray else picture, cmap="gray" if gray else None, vmin=0, vmax=255,
+                  interpolation="nearest" if picture.shape[0] < 64 else "antialiased")
+        wrong = true[k] != predicted[k]
+        text = f"{classes[true[k]]} / {classes[predicted[k]]}"
+        if probabilities is not None:
+            text += f" {probabilities[k]:.2f}"
+        ax.set_title(text, fontsize=7, color=PALETTE[1] if wrong else "black")
+        if wrong:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color(PALETTE[1])
+                spine.set_linewidth(2.5)
+    fig.suptitle("true / predicted (wrong in red)", fontsize=9)
+    return save(fig, path)
