@@ -1,0 +1,185 @@
+"""reslab.train.distributed: torchrun's environment, batch/lr semantics, CPU SyncBatchNorm, the launcher.
+
+The multi-process tests spawn 2 CPU processes with gloo on 127.0.0.1 (a few seconds each on a quiet
+machine, most of it importing torch twice).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+from reslab.train import distributed as D
+
+TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def test_torchrun_env_is_read_and_checked():
+    assert D.torchrun_env({}) is None
+    assert D.torchrun_env(TORCHRUN) == {
+        "rank": 1,
+        "world_size": 2,
+        "local_rank": 1,
+        "master_addr": "127.0.0.1",
+        "master_port": 29500,
+    }
+    with pytest.raises(ReslabError, match="MASTER_ADDR"):
+        D.torchrun_env({k: v for k, v in TORCHRUN.items() if k != "MASTER_ADDR"})
+    with pytest.raises(ReslabError, match="'one'"):
+        D.torchrun_env({**TORCHRUN, "RANK": "one"})
+    with pytest.raises(ReslabError, match="got 2"):
+        D.torchrun_env({**TORCHRUN, "RANK": "2"})
+
+
+def test_init_outside_torchrun_is_single_process(monkeypatch):
+    for key in TORCHRUN:
+        monkeypatch.delenv(key, raising=False)
+    with D.session("cpu") as ctx:
+        assert ctx == D.DistContext() and not ctx.enabled and ctx.is_main
+        assert ctx.all_reduce_sums({"loss": 2.5, "n": 3}) == {"loss": 2.5, "n": 3.0}
+        assert ctx.any(True) and not ctx.any(False)
+        assert ctx.broadcast({"stop": True}) == {"stop": True}
+        ctx.barrier()
+        model = nn.Linear(2, 2)
+        assert D.wrap(model, ctx, sync_bn=True) is model and D.unwrap(model) is model
+        assert ctx.device("cuda") == torch.device("cuda")  # no rank index without a process group
+
+
+def test_timeout_from_argument_env_or_default(monkeypatch):
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    assert D.resolve_timeout() == D.DEFAULT_TIMEOUT == 600
+    monkeypatch.setenv(D.TIMEOUT_ENV, "45")
+    assert D.resolve_timeout() == 45
+    assert D.resolve_timeout(7) == 7
+    monkeypatch.setenv(D.TIMEOUT_ENV, "soon")
+    with pytest.raises(ReslabError, match=r"RESLAB_DIST_TIMEOUT.*'soon'"):
+        D.resolve_timeout()
+    with pytest.raises(ReslabError, match="--dist-timeout.*-1"):
+        D.resolve_timeout(-1)
+
+
+def test_batch_size_is_global_unless_scale_lr():
+    assert D.plan_batches(128, 0.1, 4) == D.BatchPlan(global_batch=128, per_rank_batch=32, lr=0.1)
+    assert D.plan_batches(128, 0.1, 1) == D.BatchPlan(128, 128, 0.1)
+    with pytest.raises(ReslabError, match="--batch-size 130 .* multiple of 4"):
+        D.plan_batches(130, 0.1, 4)
+    # Linear scaling (Goyal et al. 2017): per-process batch, lr times the number of processes.
+    assert D.plan_batches(130, 0.1, 4, scale_lr=True) == D.BatchPlan(520, 130, pytest.approx(0.4))
+
+
+def test_shards_for_evaluation_are_disjoint_and_complete():
+    shards = [D.shard_indices(11, D.DistContext(rank=r, world_size=3, backend="gloo")) for r in range(3)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(11))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, bias=False),
+        nn.BatchNorm2d(4, momentum=None),  # the cumulative-average form too
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+
+
+def test_cpu_sync_batchnorm_conversion_keeps_state_and_equals_batchnorm_alone():
+    model = _net()
+    model[1].running_mean.fill_(0.5)
+    model[1].weight.requires_grad_(False)
+    model.eval()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 6, 6)
+    expected = model(x)
+    converted = D.convert_sync_batchnorm(model, "cpu")
+    assert [type(m) for m in converted.modules()].count(D.GlooSyncBatchNorm) == 2
+    assert not converted[1].weight.requires_grad and not converted.training
+    assert converted.state_dict().keys() == reference.keys()
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in reference.items())
+    torch.testing.assert_close(converted(x), expected)
+    # Without a process group it is plain BatchNorm, in training mode as well.
+    bn, synced = nn.BatchNorm2d(4).train(), D.GlooSyncBatchNorm(4).train()
+    x4 = torch.randn(5, 4, 3, 3)
+    torch.testing.assert_close(synced(x4), bn(x4))
+    torch.testing.assert_close(synced.running_var, bn.running_var)
+
+
+# --- two processes ---------------------------------------------------------------------------
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 6, 6, generator=g) * 3 + 1, torch.randint(0, 3, (8,), generator=g)
+
+
+def _sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> dict[str, torch.Tensor]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in D.unwrap(model).state_dict().items()}
+
+
+def _train_shard() -> dict:
+    """Each rank trains on its half of one global batch, with SyncBatchNorm, under DDP."""
+    with D.session("cpu", timeout=60) as ctx:
+        x, y = _data()
+        mine = D.shard_indices(len(x), ctx)
+        model = D.wrap(_net(), ctx, sync_bn=True)
+        state = _sgd_steps(model, x[mine], y[mine])
+        return {
+            "state": state,
+            "sums": ctx.all_reduce_sums({"rank": ctx.rank, "n": 1}),
+            "any": ctx.any(ctx.rank == 1),
+            "broadcast": ctx.broadcast(f"from rank {ctx.rank}"),
+            "world_size": ctx.world_size,
+            "norm": type(D.unwrap(model)[1]).__name__,
+        }
+
+
+@pytest.mark.slow
+def test_two_processes_with_sync_batchnorm_equal_one_process_on_the_global_batch():
+    got = D.launch(2, _train_shard)
+    assert got["world_size"] == 2 and got["norm"] == "GlooSyncBatchNorm"
+    assert got["sums"] == {"rank": 1.0, "n": 2.0}
+    assert got["any"] is True and got["broadcast"] == "from rank 0"
+    x, y = _data()
+    expected = _sgd_steps(_net(), x, y)
+    assert got["state"].keys() == expected.keys()
+    for key, value in expected.items():
+        # Gradients and BatchNorm statistics (running ones included) are the global batch's.
+        torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert not torch.equal(expected["0.weight"], _net().state_dict()["0.weight"])  # it did train
+
+
+def _crash_on_rank_1() -> int:
+    with D.session("cpu", timeout=60) as ctx:
+        ctx.barrier()
+        D.maybe_inject_crash(ctx)
+        ctx.barrier()  # rank 0 waits here for a rank that is gone
+        return ctx.rank
+
+
+@pytest.mark.slow
+def test_a_crash_on_one_rank_ends_the_job_naming_it(monkeypatch, capfd):
+    monkeypatch.setenv(D.CRASH_ENV, "1")
+    start = time.monotonic()
+    with pytest.raises(ReslabError, match="process 1 of 2 failed"):
+        D.launch(2, _crash_on_rank_1)
+    assert time.monotonic() - start < 60  # well inside the 60 s collective timeout
+    err = capfd.readouterr().err
+    assert "RuntimeError: crash injected on rank 1" in err
+
+
+def test_launch_refuses_a_bad_process_count():
+    with pytest.raises(ReslabError, match="--nproc .* got 0"):
+        D.launch(0, _crash_on_rank_1)
