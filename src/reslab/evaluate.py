@@ -1,0 +1,157 @@
+"""Evaluation: a checkpoint on a data split -> top-1, top-5, per-class precision/recall, figures.
+
+The data is re-read with the checkpoint's own preprocessing (image size, channels, mean/std), and
+through `reslab.infer.Predictor`, the same door `reslab predict` uses, so the two agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reslab.checkpoint import resolve
+from reslab.errors import ReslabError
+from reslab.io import write_json
+
+EVAL_JSON, CONFUSION_PNG, SAMPLES_PNG = "eval.json", "confusion.png", "samples.png"
+SAMPLE_COUNT, SAMPLE_WRONG = 32, 8  # the grid shows up to 32 images, up to 8 of them mistakes
+
+
+@dataclass
+class EvalSet:
+    images: torch.Tensor  # uint8 N x C x H x W
+    labels: torch.Tensor  # int64, indices into the checkpoint's classes
+    split: str  # "test", "val", "train" or "all" (a folder of class subfolders, evaluated whole)
+
+
+def _is_split_folder(path: Path) -> bool:
+    from reslab.data.folder import SPLIT_NAMES
+
+    subdirs = [d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return bool(subdirs) and set(subdirs) <= set(SPLIT_NAMES)
+
+
+def load_eval_set(data: str, meta, split: str | None = None, *, data_dir: str | None = None) -> EvalSet:
+    """The images of `data` to evaluate `meta`'s checkpoint on, preprocessed as it was trained."""
+    from reslab.data import load_data
+
+    if split not in (None, "test", "val"):
+        raise ReslabError(f"--split must be test or val, got {split!r}")
+    pre, extra = meta.preprocessing, meta.extra
+    same_data = data == extra.get("data")
+    seed = extra.get("seed", 0) if same_data else 0
+    path = Path(data).expanduser()
+    whole_folder = data not in ("digits", "cifar10", "cifar100") and path.is_dir() and not _is_split_folder(path)
+    if whole_folder:
+        # A folder of class subfolders is evaluated whole: no split is carved out of it.
+        if split is not None:
+            raise ReslabError(f"{data} is a folder of class subfolders, evaluated whole; drop --split "
+                              "(or give a folder with test/ or val/)")
+        val_split = 0.0
+    else:
+        val_split = extra.get("val_split") if same_data else None
+    bundle = load_data(data, image_size=pre.get("image_size"), val_split=val_split, seed=seed, data_dir=data_dir,
+                       quiet=True)
+    if whole_folder:
+        part, name = bundle.train, "all"
+    else:
+        name = split or ("test" if bundle.test is not None else "val")
+        part = bundle.test if name == "test" else bundle.val
+        if part is None:
+            have = [k for k in ("test", "val") if getattr(bundle, k) is not None]
+            raise ReslabError(f"{data} has no {name} split; give --split {have[0]}" if have else
+                              f"{data} has neither a test nor a val split; give a folder of class subfolders")
+    want = pre.get("in_channels", 3)
+    if part.images.shape[1] != want:
+        raise ReslabError(f"the checkpoint takes {want}-channel images but {data} gives "
+                          f"{part.images.shape[1]}-channel ones; evaluate it on data like its training data")
+    classes = list(meta.classes)
+    if sorted(bundle.classes) != sorted(classes):
+        raise ReslabError(f"the checkpoint knows {len(classes)} classes ({_names(classes)}) but {data} has "
+                          f"{len(bundle.classes)} ({_names(bundle.classes)}); evaluate on data with the same classes")
+    # Same names in another order (another folder listing): map the data's labels to the checkpoint's.
+    to_ckpt = torch.tensor([classes.index(c) for c in bundle.classes], dtype=torch.int64)
+    return EvalSet(part.images, to_ckpt[part.labels], name)
+
+
+def _names(classes, limit: int = 6) -> str:
+    shown = ", ".join(classes[:limit])
+    return shown + (", ..." if len(classes) > limit else "")
+
+
+def metrics(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """top1, top5 (top-min(5, classes)), n, per_class precision/recall/support, confusion, loss."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    n, num_classes = probabilities.shape
+    y_true, y_pred = labels.numpy(), probabilities.argmax(1).numpy()
+    k = min(5, num_classes)
+    top5 = (probabilities.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    ids = list(range(num_classes))
+    precision, recall, _, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    picked = probabilities[torch.arange(n), labels].clamp_min(1e-12)
+    return {
+        "top1": float((y_true == y_pred).mean()) if n else None,
+        "top5": top5 if n else None,
+        "n": int(n),
+        "loss": float(-picked.log().mean()) if n else None,
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "accuracy": float(recall[i]),
+                "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+    }
+
+
+def sample_indices(correct: np.ndarray, count: int = SAMPLE_COUNT, wrong_max: int = SAMPLE_WRONG) -> np.ndarray:
+    """Up to `count` indices, evenly spread, with up to `wrong_max` mistakes among them; ascending."""
+
+    def spread(index: np.ndarray, k: int) -> np.ndarray:
+        k = min(k, len(index))
+        return index[np.linspace(0, len(index) - 1, k).round().astype(int)] if k > 0 else index[:0]
+
+    wrong = spread(np.flatnonzero(~correct), wrong_max)
+    right = spread(np.flatnonzero(correct), count - len(wrong))
+    return np.unique(np.concatenate([wrong, right]))
+
+
+def default_out(source: str | os.PathLike, data: str) -> Path:
+    from reslab.train.state import safe_name
+
+    path = Path(source)
+    run_dir = path if path.is_dir() else path.parent
+    return run_dir / f"eval-{safe_name(data)}"
+
+
+def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str | None = None,
+             out: str | os.PathLike | None = None, device: str = "cpu", data_dir: str | None = None) -> dict:
+    """Evaluate a run directory or reslab weights file; writes eval.json, confusion.png, samples.png."""
+    from reslab import plots
+    from reslab.infer import Predictor
+
+    checkpoint = resolve(source)
+    predictor = Predictor(checkpoint, device=device)
+    data = data or predictor.meta.extra.get("data")
+    if not data:
+        raise ReslabError(f"{checkpoint} does not say which data it was trained on; give --data")
+    eval_set = load_eval_set(data, predictor.meta, split, data_dir=data_dir)
+    probabilities = predictor.probabilities(eval_set.images).cpu()
+    classes = list(predictor.classes)
+    result = {"checkpoint": str(checkpoint), "model": predictor.meta.model, "data": data, "split": eval_set.split,
+              **metrics(probabilities, eval_set.labels, classes)}
+    out = Path(out) if out is not None else default_out(source, data)
+    predicted = probabilities.argmax(1)
+    plots.confusion(out / CONFUSION_PNG, np.asarray(result["confusion"]), classes,
+                    title=f"{predictor.meta.model} on {Path(data).name or data} ({eval_set.split}): "
+                          f"top-1 {result['top1']:.3f}")
+    pick = sample_indices((predicted == eval_set.labels).numpy())
+    plots.samples(out / SAMPLES_PNG, eval_set.images[pick].numpy(), eval_set.labels[pick].tolist(),
+                  predicted[pick].tolist(), classes, probabilities=probabilities[pick].max(1).values.tolist())
+    result["out"] = str(out)
+    write_json(out / EVAL_JSON, result)
+    return result
