@@ -80,4 +80,6 @@ def run(args) -> int:
     print(f"{summary['model']} on {summary['data']}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s "
           f"({summary['images_per_second']} img/s), best val acc {pct(summary['best_val_acc'])}, "
           f"test acc {pct(summary['test_acc'])}; run in {run_dir}")
+    if summary.get("frozen_params"):
+        print(f"parameters: {summary['trainable_params']:,} trainable, {summary['frozen_params']:,} frozen")
     return 0

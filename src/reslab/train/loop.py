@@ -217,6 +217,11 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     model_options = {"in_channels": bundle.in_channels}
     if cfg.shortcut is not None:
         model_options["shortcut"] = cfg.shortcut
+    if cfg.pretrained:
+        from reslab.transfer import model_options_for
+
+        # Keras weights need stride_in_1x1=True; a reslab checkpoint brings its own options.
+        model_options = {**model_options_for(cfg.pretrained), **model_options}
     model = create_model(cfg.model, num_classes=len(bundle.classes), **model_options)
     reports = {}
     if cfg.pretrained:
@@ -294,6 +299,8 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
             "train_seconds": round(p["train_seconds"], 3),
             "images_per_second": round(p["train_images"] / p["train_seconds"], 1) if p["train_seconds"] else None,
             "precision": precision, "channels_last": channels_last, "device": str(device),
+            "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
+            "frozen_params": sum(q.numel() for q in model.parameters() if not q.requires_grad),
             "stopped": p["stopped"], "interrupted": p["stopped"] == "interrupted", "run_dir": str(run_dir),
         }
 
