@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -345,3 +346,37 @@ def test_freeze_points_and_unfreezing():
     preact = create_model("preact_resnet20", num_classes=2)
     assert freeze(preact, "all-but-head")["trainable_params"] == 64 * 2 + 2
     assert unfreeze_step(preact, "all-but-head") == "layer3"
+
+
+# --- through the real trainer ---------------------------------------------------------------------
+
+
+def test_finetune_freeze_layer3_leaves_frozen_tensors_bitwise_unchanged(tmp_path):
+    from reslab.checkpoint import read_weights
+    from reslab.train import TrainConfig, train
+
+    torch.manual_seed(1)
+    src = create_model("resnet20", num_classes=7, in_channels=1)  # the digits are grayscale
+    with torch.no_grad():  # BN statistics away from their defaults, so "unchanged" means something
+        for m in src.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "src.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+
+    summary = train(TrainConfig(model="resnet20", data="digits", epochs=1, image_size=8, batch_size=64,
+                                pretrained=str(path), freeze="layer3", head_lr_mult=10.0, out=str(tmp_path / "run"),
+                                quiet=True))
+    after, _ = read_weights(tmp_path / "run" / "last.safetensors")
+    body = [k for k in after if not k.startswith("fc.")]
+    assert any("running_mean" in k for k in body) and len(body) > 100
+    for key in body:
+        assert torch.equal(after[key], src.state_dict()[key]), key
+    assert after["fc.weight"].shape == (10, 64)
+    assert summary["frozen_params"] == sum(v.numel() for k, v in src.named_parameters() if not k.startswith("fc."))
+    assert summary["trainable_params"] == 64 * 10 + 10
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["pretrained"]["source"] == str(path) and config["pretrained"]["head"] == "replaced (7 -> 10 classes)"
+    assert config["pretrained"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert config["freeze"]["until"] == "layer3"
