@@ -134,7 +134,7 @@ def degradation(curves: dict[str, dict], path: str | os.PathLike) -> Path:
         ax.set_xlabel("epoch")
         ax.legend(loc="upper right")
     panels[False].set_ylabel("error (%)")
-    fig.text(0.5, 0.005, "dashed: training error, bold: validation error", ha="center", fontsize=8)
+    fig.text(0.5, 0.005, "dashed: training error, solid: validation error", ha="center", fontsize=8)
     fig.subplots_adjust(bottom=0.2)
     return save(fig, path)
 

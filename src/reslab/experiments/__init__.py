@@ -3,7 +3,15 @@
 Each takes a typed config, writes its JSON and figure into `config.out`, and returns the JSON.
 """
 
+from reslab.experiments.degradation import DegradationConfig, run_degradation
 from reslab.experiments.gradients import GradientsConfig, run_gradients
 from reslab.experiments.responses import ResponsesConfig, run_responses
 
-__all__ = ["GradientsConfig", "ResponsesConfig", "run_gradients", "run_responses"]
+__all__ = [
+    "DegradationConfig",
+    "GradientsConfig",
+    "ResponsesConfig",
+    "run_degradation",
+    "run_gradients",
+    "run_responses",
+]

@@ -59,20 +59,20 @@ def gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 def sgd_steps(model: nn.Module, loader: BatchLoader, steps: int, lr: float) -> None:
-    """A few steps of the paper's optimizer (section 3.4: SGD, momentum 0.9, weight decay 1e-4).
+    """A few steps of the paper's optimizer (section 3.4: SGD, momentum 0.9, weight decay 1e-4),
+    taken with the trainer's own step function.
 
     Only the opening of training is measured here, so the learning rate is constant.
     """
-    if steps == 0:
-        return
+    from reslab.train import make_step
+
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    step = make_step(model, optimizer, precision="fp32", grad_clip=None, loss_fn=nn.CrossEntropyLoss())
     done, epoch = 0, 0
     while done < steps:
         loader.set_epoch(epoch)
         for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+            step(x, y)
             done += 1
             if done == steps:
                 return
