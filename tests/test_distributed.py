@@ -96,11 +96,13 @@ def test_cpu_sync_batchnorm_conversion_keeps_state_and_equals_batchnorm_alone():
     model[1].weight.requires_grad_(False)
     model.eval()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
     x = torch.randn(4, 3, 6, 6)
     expected = model(x)
     converted = D.convert_sync_batchnorm(model, "cpu")
     assert [type(m) for m in converted.modules()].count(D.GlooSyncBatchNorm) == 2
     assert not converted[1].weight.requires_grad and not converted.training
+    assert all(a is b for a, b in zip(converted.parameters(), params, strict=True))  # an optimizer still holds them
     assert converted.state_dict().keys() == reference.keys()
     assert all(torch.equal(converted.state_dict()[k], v) for k, v in reference.items())
     torch.testing.assert_close(converted(x), expected)
@@ -109,6 +111,12 @@ def test_cpu_sync_batchnorm_conversion_keeps_state_and_equals_batchnorm_alone():
     x4 = torch.randn(5, 4, 3, 3)
     torch.testing.assert_close(synced(x4), bn(x4))
     torch.testing.assert_close(synced.running_var, bn.running_var)
+    # reslab.transfer's frozen BatchNorm stays frozen (and unsynced).
+    from reslab.transfer import FrozenBatchNorm2d
+
+    frozen = _net()
+    frozen[1].__class__ = FrozenBatchNorm2d
+    assert type(D.convert_sync_batchnorm(frozen, "cpu")[1]) is FrozenBatchNorm2d
 
 
 # --- two processes ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -124,6 +124,9 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None  # "nccl", "gloo"; None when no process group was joined
+    # Decisions and metric sums are small host values: under NCCL they go through a gloo group on
+    # the CPU so that asking them never makes the host wait for the GPU's queue to drain.
+    host_group: Any = field(default=None, repr=False, compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -133,6 +136,10 @@ class DistContext:
     def is_main(self) -> bool:
         """Rank 0: the one process that writes files, draws progress and plots."""
         return self.rank == 0
+
+    @property
+    def _multi(self) -> bool:
+        return self.enabled and self.world_size > 1
 
     def device(self, kind: str | torch.device) -> torch.device:
         """This rank's device of `kind` ("cuda" -> cuda:LOCAL_RANK)."""
@@ -144,37 +151,46 @@ class DistContext:
     def all_reduce_sums(self, values: Mapping[str, float | int | torch.Tensor]) -> dict[str, float]:
         """Each value summed over ranks (metrics travel as sums and counts, so means stay exact)."""
         packed = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
-        if self.enabled and self.world_size > 1:
-            packed = packed.to(self._collective_device())
-            dist.all_reduce(packed)
-        return dict(zip(values, packed.cpu().tolist(), strict=True))
+        if self._multi:
+            dist.all_reduce(packed, group=self.host_group)
+        return dict(zip(values, packed.tolist(), strict=True))
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any: one rank's NaN loss stops them all together."""
-        if not (self.enabled and self.world_size > 1):
+        """True on every rank if it is true on any: one rank's NaN loss or Ctrl-C stops them all at
+        the same step, so no rank is left waiting in a collective the others never reach."""
+        if not self._multi:
             return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self._collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(t.item())
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (a decision such as early stopping, a resolved path)."""
-        if not (self.enabled and self.world_size > 1):
+        if not self._multi:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self._collective_device())
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.enabled and self.world_size > 1:
-            if self.backend == "nccl":
-                dist.barrier(device_ids=[self.local_rank])
-            else:
-                dist.barrier()
+    def broadcast_state(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers into every rank's model (e.g. best weights it read back)."""
+        if self._multi:
+            for tensor in unwrap(model).state_dict().values():
+                dist.broadcast(tensor, src=0)
 
-    def _collective_device(self) -> torch.device:
-        # NCCL moves only CUDA tensors.
-        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+    def barrier(self) -> None:
+        if self._multi:
+            dist.barrier(group=self.host_group)
+
+    @contextlib.contextmanager
+    def local_main_first(self) -> Iterator[None]:
+        """Local rank 0 of each machine runs the block first (a download, a decode cache), the others
+        after it, from what it left on disk. Mind the timeout: the others wait in a barrier."""
+        if self.local_rank != 0:
+            self.barrier()
+        yield
+        if self.local_rank == 0:
+            self.barrier()
 
 
 def init(device: str | torch.device = "cpu", timeout: float | None = None) -> DistContext:
@@ -186,19 +202,20 @@ def init(device: str | torch.device = "cpu", timeout: float | None = None) -> Di
     env = torchrun_env()
     if env is None:
         return DistContext()
-    if dist.is_initialized():  # the caller set the group up itself
-        return DistContext(dist.get_rank(), dist.get_world_size(), env["local_rank"], dist.get_backend())
-    kind = torch.device(device).type
-    backend = "nccl" if kind == "cuda" else "gloo"
-    if kind == "cuda":
-        if env["local_rank"] >= torch.cuda.device_count():
-            raise ReslabError(
-                f"LOCAL_RANK {env['local_rank']} has no GPU ({torch.cuda.device_count()} visible); "
-                "give torchrun --nproc_per_node at most the number of GPUs"
-            )
-        torch.cuda.set_device(env["local_rank"])
-    dist.init_process_group(backend, timeout=timedelta(seconds=resolve_timeout(timeout)))
-    return DistContext(dist.get_rank(), dist.get_world_size(), env["local_rank"], backend)
+    seconds = timedelta(seconds=resolve_timeout(timeout))
+    if not dist.is_initialized():  # else the caller set the group up itself
+        kind = torch.device(device).type
+        if kind == "cuda":
+            if env["local_rank"] >= torch.cuda.device_count():
+                raise ReslabError(
+                    f"LOCAL_RANK {env['local_rank']} has no GPU ({torch.cuda.device_count()} visible); "
+                    "give torchrun --nproc_per_node at most the number of GPUs"
+                )
+            torch.cuda.set_device(env["local_rank"])
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=seconds)
+    backend = dist.get_backend()
+    host_group = dist.new_group(backend="gloo", timeout=seconds) if backend == "nccl" else None
+    return DistContext(dist.get_rank(), dist.get_world_size(), env["local_rank"], backend, host_group)
 
 
 def shutdown(ctx: DistContext) -> None:
@@ -323,26 +340,26 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
 
 
 def convert_sync_batchnorm(model: nn.Module, device: str | torch.device) -> nn.Module:
-    """Every BatchNorm2d synced over ranks: torch's SyncBatchNorm on GPUs, GlooSyncBatchNorm on CPU."""
-    if torch.device(device).type in _TORCH_SYNC_BN_DEVICES:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _convert_cpu(model)
+    """Every trainable BatchNorm2d synced over ranks: torch's SyncBatchNorm on GPUs,
+    GlooSyncBatchNorm on CPUs. The parameters and buffers are the same tensors (an optimizer built
+    before keeps working); frozen BatchNorm (reslab.transfer's subclass, kept in eval) is left alone.
+    """
+    cls = nn.SyncBatchNorm if torch.device(device).type in _TORCH_SYNC_BN_DEVICES else GlooSyncBatchNorm
+    return _convert(model, cls)
 
 
-def _convert_cpu(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlooSyncBatchNorm):
-        synced = GlooSyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
-        synced.load_state_dict(module.state_dict())
-        synced.train(module.training)
+def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    if type(module) is nn.BatchNorm2d:
+        synced = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         if module.affine:
-            synced.weight.requires_grad_(module.weight.requires_grad)
-            synced.bias.requires_grad_(module.bias.requires_grad)
-        synced.to(next(module.parameters(), torch.empty(0)).device)
+            synced.weight, synced.bias = module.weight, module.bias
+        if module.track_running_stats:
+            synced.running_mean, synced.running_var = module.running_mean, module.running_var
+            synced.num_batches_tracked = module.num_batches_tracked
+        synced.train(module.training)
         return synced
     for name, child in module.named_children():
-        module.add_module(name, _convert_cpu(child))
+        module.add_module(name, _convert(child, cls))
     return module
 
 
