@@ -8,7 +8,7 @@ import sys
 from reslab.errors import ReslabError
 
 # Options that may accompany --resume: the rest come from the run's config.json.
-RESUME_OPTIONS = {"resume", "epochs", "quiet", "device"}
+RESUME_OPTIONS = {"resume", "epochs", "quiet", "device", "nproc", "dist_timeout"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--head-lr-mult", type=float, help="learning-rate multiplier of the classifier")
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--quiet", action="store_true", default=None, help="no progress bar or epoch lines (for logs)")
+    dist = parser.add_argument_group("several processes (DDP; see docs/distributed.md)")
+    dist.add_argument("--nproc", type=int, help="processes on this machine, launched through torchrun's API "
+                      "(default 1; under torchrun, torchrun's own count)")
+    dist.add_argument("--sync-bn", action="store_true", default=None,
+                      help="BatchNorm statistics over the global batch (SyncBatchNorm)")
+    dist.add_argument("--scale-lr", action="store_true", default=None,
+                      help="--batch-size is per process and the lr is multiplied by the process count "
+                           "(linear scaling rule); default: --batch-size is the global batch, split over processes")
+    dist.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                      help="how long a collective may wait for a rank before the job fails "
+                           "(default $RESLAB_DIST_TIMEOUT or 600)")
 
 
 def config_from_args(args):

@@ -83,6 +83,12 @@ class TrainConfig:
     quiet: bool = False
     device: str | None = None  # None: cuda when available, else cpu
     no_decay_norm_bias: bool | None = None  # None: the recipe's (fast: True, paper: False)
+    # Several processes (reslab.train.distributed, docs/distributed.md): batch_size is the global
+    # batch unless scale_lr makes it per process (and the lr times the process count).
+    nproc: int = 1  # processes spawned on this machine; under torchrun, torchrun decides
+    sync_bn: bool = False  # BatchNorm statistics over the global batch
+    scale_lr: bool = False
+    dist_timeout: float | None = None  # seconds a collective may wait; None: $RESLAB_DIST_TIMEOUT or 600
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -128,6 +134,11 @@ class TrainConfig:
 
         positive_int("epochs")
         positive_int("batch_size")
+        positive_int("nproc")
+        if self.dist_timeout is not None:
+            from reslab.train.distributed import resolve_timeout
+
+            resolve_timeout(self.dist_timeout)
         if self.image_size is not None:
             positive_int("image_size")
         if self.early_stop is not None:

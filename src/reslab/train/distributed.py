@@ -397,6 +397,27 @@ def maybe_inject_crash(ctx: DistContext) -> None:
 # --- launching -------------------------------------------------------------------------------
 
 
+def run(train: Callable, config: Any, **kwargs: Any) -> dict:
+    """`train(config, ctx=..., **kwargs)` in the processes `config` asks for: this one, `config.nproc`
+    spawned on this machine (`reslab train --nproc N`), or under torchrun its own rank of the job.
+
+    `config` needs `nproc`, `device` and `dist_timeout` (TrainConfig has them). Spawned ranks
+    receive `config` alone: `kwargs` (callbacks) stay in a single process.
+    """
+    env = torchrun_env()
+    if env is None and config.nproc > 1:
+        return launch(config.nproc, train, config)
+    if env is not None and config.nproc > 1 and config.nproc != env["world_size"]:
+        raise ReslabError(
+            f"--nproc {config.nproc} under torchrun, which started {env['world_size']} processes; "
+            "drop --nproc (torchrun's --nproc_per_node and --nnodes decide)"
+        )
+    from reslab.hardware import default_device
+
+    with session(config.device or default_device(), config.dist_timeout) as ctx:
+        return train(config, ctx=ctx, **kwargs)
+
+
 def _rank_entry(fn: Callable, *args: Any) -> Any:
     """Runs in each spawned process and prints its own error, tagged with its rank: a person's error
     as one line (exit code 2 as on the command line), a bug with its traceback (exit code 1)."""
