@@ -74,9 +74,11 @@ def _run_config(path: Path) -> dict:
     """The run's config.json (data, seed, val split) when the weights sit in a run directory."""
     run_dir = path if path.is_dir() else path.parent
     try:
-        return json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
         return {}
+    config = saved.get("config") if isinstance(saved, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 def load_subject(source: str, config: ResponsesConfig) -> Subject:
