@@ -199,7 +199,8 @@ class OpenVinoRunner:
 
     @property
     def inference_precision(self) -> str:
-        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16"
+        return value.to_string() if hasattr(value, "to_string") else str(value)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().contiguous().numpy()
