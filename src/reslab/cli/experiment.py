@@ -28,7 +28,7 @@ def add_arguments(parser) -> None:
     grad.add_argument("--batch-size", type=int, default=64)
     grad.add_argument("--lr", type=float, default=0.1)
     grad.add_argument("--image-size", type=int, default=None,
-                      help="input side (default: the family's native input, 32)")
+                      help="input side (default 8 for digits, else 32)")
     grad.add_argument("--seed", type=int, default=0)
     grad.add_argument("--out", default=None, help="folder (default runs/experiment-gradients-<time>/)")
 
@@ -39,7 +39,7 @@ def add_arguments(parser) -> None:
     resp.add_argument("--data", default=None, help="images to measure on (default: each run's own data; digits)")
     resp.add_argument("--split", choices=["test", "val", "train"], default="test")
     resp.add_argument("--max-images", type=int, default=1000)
-    resp.add_argument("--image-size", type=int, default=None, help="model names only (default: native input)")
+    resp.add_argument("--image-size", type=int, default=None, help="model names only (default 8 for digits, else 32)")
     resp.add_argument("--seed", type=int, default=0)
     resp.add_argument("--out", default=None, help="folder (default runs/experiment-responses-<time>/)")
 

@@ -16,13 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reslab.errors import ReslabError
-from reslab.experiments.common import default_out, model_depth
+from reslab.experiments.common import default_image_size, default_out, model_depth
 from reslab.io import write_json, write_text
 from reslab.models import get_model_spec
-
-# The digits are 8x8 images: feeding them at their own size costs 16x less than upsampling to the
-# CIFAR nets' native 32x32 and shows the same optimization difficulty (docs/experiments.md).
-NATIVE_SIZES = {"digits": 8}
 
 METRIC_COLUMNS = ("model", "depth", "residual", "epoch", "lr", "train_loss", "train_error", "val_loss",
                   "val_error", "seconds")
@@ -60,7 +56,7 @@ class DegradationConfig:
         return [f"{kind}{depth}" for depth in sorted(self.depths) for kind in ("plain", "resnet")]
 
     def resolved_image_size(self) -> int:
-        return self.image_size or NATIVE_SIZES.get(self.data, get_model_spec("resnet20").image_size)
+        return self.image_size or default_image_size(self.data)
 
     def train_config(self, model: str, out: Path):
         from reslab.train import TrainConfig

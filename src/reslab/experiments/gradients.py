@@ -19,7 +19,13 @@ from torch.nn import functional as F
 
 from reslab.data import BatchLoader, DataBundle, load_data
 from reslab.errors import ReslabError
-from reslab.experiments.common import check_cifar_names, default_out, model_depth, weight_layers
+from reslab.experiments.common import (
+    check_cifar_names,
+    default_image_size,
+    default_out,
+    model_depth,
+    weight_layers,
+)
 from reslab.io import write_json
 from reslab.models import create_model, get_model_spec
 
@@ -28,7 +34,7 @@ from reslab.models import create_model, get_model_spec
 class GradientsConfig:
     models: list[str] = field(default_factory=lambda: ["plain20", "resnet20", "plain56", "resnet56"])
     data: str = "digits"
-    image_size: int | None = None  # None: the first model's family's native input (32 for CIFAR nets)
+    image_size: int | None = None  # None: 8 for digits, else the CIFAR nets' native 32
     batch_size: int = 64
     steps: int = 20  # SGD steps between the two measurements
     lr: float = 0.1
@@ -104,7 +110,7 @@ def run_gradients(config: GradientsConfig, progress=None) -> dict:
     from reslab import plots
 
     out = Path(config.out) if config.out else default_out("gradients")
-    image_size = config.image_size or get_model_spec(config.models[0]).image_size
+    image_size = config.image_size or default_image_size(config.data)
     bundle = load_data(config.data, image_size=image_size, seed=config.seed, quiet=config.quiet)
     # One probe batch, the same for every model and both measurements.
     probe_loader = BatchLoader(bundle.train, config.batch_size, seed=config.seed + 1, mean=bundle.mean,

@@ -21,7 +21,7 @@ from torch import nn
 from reslab.checkpoint import load_model
 from reslab.data import DataBundle, load_data
 from reslab.errors import ReslabError
-from reslab.experiments.common import default_out, model_depth, residual_branch_outputs
+from reslab.experiments.common import default_image_size, default_out, model_depth, residual_branch_outputs
 from reslab.infer import normalizer
 from reslab.io import write_json
 from reslab.models import create_model, get_model_spec
@@ -33,7 +33,7 @@ SPLITS = ("test", "val", "train")
 class ResponsesConfig:
     sources: list[str] = field(default_factory=lambda: ["plain20", "resnet20", "plain56", "resnet56"])
     data: str | None = None  # None: a run's own data, else digits for model names
-    image_size: int | None = None  # model names only; None: the family's native input
+    image_size: int | None = None  # model names only; None: 8 for digits, else the native input
     split: str = "test"  # the first of test, val, train that the data has, from this one on
     max_images: int = 1000
     batch_size: int = 256
@@ -103,7 +103,7 @@ def load_subject(source: str, config: ResponsesConfig) -> Subject:
         raise ReslabError(f"{source!r} is neither a run directory or weights file nor a model name; "
                           "give a path made by `reslab train` or a name such as plain20") from None
     data = config.data or "digits"
-    image_size = config.image_size or spec.image_size
+    image_size = config.image_size or (default_image_size(data) if spec.family == "cifar" else spec.image_size)
     return Subject(label=source, name=source, model=None, trained=False, source=source, data=data,
                    image_size=image_size, seed=config.seed)
 
