@@ -107,6 +107,8 @@ class TrainConfig:
         if self.recipe not in RECIPES:
             raise ReslabError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         cfg = dataclasses.replace(self)
+        if cfg.optimizer not in (None, "sgd") and cfg.nesterov is None:
+            cfg.nesterov = False  # Nesterov momentum is an SGD option
         for key, value in _RECIPE_DEFAULTS[cfg.recipe].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)

@@ -177,7 +177,9 @@ def _load_resume(config: TrainConfig) -> tuple[TrainConfig, dict, Path]:
     cfg = TrainConfig.from_dict(saved)
     cfg.resume, cfg.quiet, cfg.out = str(run_dir), config.quiet, str(run_dir)
     if config.epochs is not None and config.epochs != cfg.epochs:
-        cfg.epochs = config.epochs  # extending a run; the schedule then follows the new length
+        # A new length: the lr schedule stretches to it (so this resume is not exact by design).
+        cfg.epochs = config.epochs
+        cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs)
     return cfg.resolve(), state, run_dir
 
 
@@ -273,6 +275,8 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
         optimizer.load_state_dict(state["optimizer"])
         run_files.set_rng_state(state["rng"])
         progress_state.update({k: state[k] for k in progress_state if k in state})
+        if progress_state["stopped"] == "interrupted":
+            progress_state["stopped"] = "running"
     p = progress_state
 
     meta_base = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
