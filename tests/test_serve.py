@@ -41,6 +41,14 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def export_cache(tmp_path_factory):
+    """The fast backends export the model on start-up; keep those files out of ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESLAB_DATA", str(tmp_path_factory.mktemp("reslab-data")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return toy_checkpoint(tmp_path_factory.mktemp("serve") / "toy.safetensors", train_steps=0, in_channels=3)
@@ -59,8 +67,10 @@ def post(client, route, data: bytes, name="x.png", field="file", **params):
 def test_health_page_and_docs(client):
     health = client.get("/health")
     assert health.status_code == 200
+    from reslab.infer import resolve_backend
+
     assert health.json() == {"status": "ok", "model": "resnet20", "classes": 2, "image_size": 16,
-                             "layer": "layer3", "max_upload_mb": 4.0}
+                             "layer": "layer3", "max_upload_mb": 4.0, "backend": resolve_backend("auto")}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file"' in page.text and "/predict" in page.text and "/explain" in page.text

@@ -117,6 +117,9 @@ class Explainer:
     """Grad-CAM for a `Predictor`'s model, thread-safe (one explanation at a time per model)."""
 
     def __init__(self, predictor: Predictor, layer: str | None = None, lock: threading.Lock | None = None):
+        if predictor.model is None:
+            raise ReslabError("Grad-CAM needs the gradients of a reslab checkpoint, not an exported ONNX/OpenVINO "
+                              "file; give the run directory or .safetensors weights")
         self.predictor = predictor
         self.model = predictor.model
         self.layer = layer or default_layer(self.model)

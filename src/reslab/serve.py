@@ -1,9 +1,10 @@
 """`reslab serve`: a trained model behind a small HTTP API and a one-page web app.
 
-One `Predictor` is loaded when the server starts and shared by every request. Requests are
-decoded and preprocessed in worker threads, in parallel; the model itself runs one call at a time
-under a lock, because its intra-op threads already use every core and Grad-CAM's hook is attached
-to the shared model.
+One `Predictor` is loaded (and its fast path built and warmed) when the server starts, and is
+shared by every request. Requests are decoded and preprocessed in worker threads, in parallel;
+predictions run on the Predictor's fast backend one call at a time, because one call's intra-op
+threads already use every core; Grad-CAM runs on the eager model (it needs gradients) under its
+own lock, since its hook is attached to that shared model.
 
 Uploads are untrusted: the body is read as a stream and refused once it passes the size limit,
 parsed in memory (FastAPI's own form parser spools files over 1 MB to a temporary file, and
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from reslab.errors import ReslabError
@@ -41,6 +43,8 @@ class ServeConfig:
     max_pixels: int = 64_000_000
     top_k: int = 5
     layer: str | None = None  # Grad-CAM layer; None: the model's last stage
+    backend: str = "auto"  # reslab.infer backends: the fastest installed one by default
+    precision: str = "auto"
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -137,8 +141,17 @@ class Service:
         self.predictor = predictor
         self.config = config or ServeConfig()
         self.lock = threading.Lock()
-        self.explainer = Explainer(predictor, self.config.layer, lock=self.lock)
+        # An exported (.onnx/.xml) model has no eager model to take gradients of: predictions only.
+        self.explainer = Explainer(predictor, self.config.layer) if predictor.model is not None else None
         self.model_name = predictor.meta.model
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Build the fast path (export, compile...) now, so that the first request is not the slow one."""
+        pre = self.predictor.preprocessing
+        size, channels = int(pre.get("image_size", 224)), int(pre.get("in_channels", 3))
+        with self.lock:
+            self.predictor.probabilities(torch.zeros(1, channels, size, size, dtype=torch.uint8))
 
     def open_image(self, data: bytes, filename: str) -> Image.Image:
         if not data:
@@ -184,6 +197,9 @@ class Service:
 
     def explain(self, data: bytes, filename: str, class_name: str | None = None) -> tuple[bytes, dict]:
         """PNG bytes of the Grad-CAM overlay, and what it explains (for the response headers)."""
+        if self.explainer is None:
+            raise UploadError(501, f"{self.model_name} is served from an exported file, which has no gradients "
+                                   "for Grad-CAM; serve the reslab checkpoint to explain")
         image = self.open_image(data, filename)
         self.explainer.class_index(class_name)  # an unknown class is the client's error, before decoding
         try:
@@ -204,7 +220,8 @@ class Service:
             "model": self.model_name,
             "classes": len(self.predictor.classes),
             "image_size": pre.get("image_size"),
-            "layer": self.explainer.layer,
+            "layer": self.explainer.layer if self.explainer else None,
+            "backend": self.predictor.backend,
             "max_upload_mb": self.config.max_upload_mb,
         }
 
@@ -247,7 +264,8 @@ def create_app(source, config: ServeConfig | None = None):
     from reslab import __version__
 
     config = config or ServeConfig()
-    predictor = source if isinstance(source, Predictor) else Predictor(source)
+    predictor = source if isinstance(source, Predictor) else Predictor(
+        source, backend=config.backend, precision=config.precision)
     service = Service(predictor, config)
     app = FastAPI(
         title="reslab",

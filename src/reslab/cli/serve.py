@@ -11,6 +11,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10)")
     parser.add_argument("--layer", default=None, help="Grad-CAM layer (default: the model's last stage)")
     parser.add_argument("--top-k", type=int, default=5, help="classes returned by /predict (default 5)")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (fastest installed; default), torch, onnxruntime, openvino: runs /predict")
+    parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native; default)")
 
 
 def run(args) -> int:
@@ -19,7 +22,7 @@ def run(args) -> int:
     from reslab.serve import ServeConfig, create_app, is_loopback, run_app
 
     config = ServeConfig(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, layer=args.layer,
-                         top_k=args.top_k)
+                         top_k=args.top_k, backend=args.backend, precision=args.precision)
     app = create_app(args.source, config)  # the model loads once, before the port opens
     if not is_loopback(config.host):
         print(f"reslab serve: warning: listening on {config.host}, reachable from other machines; "
