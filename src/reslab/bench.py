@@ -56,9 +56,12 @@ class BenchConfig:
         if cfg.mode not in MODES:
             raise ReslabError(f"--mode must be train or infer, got {cfg.mode!r}")
         spec = get_model_spec(cfg.model)
-        cfg.batch_size = cfg.batch_size or DEFAULT_BATCH[cfg.mode]
-        cfg.image_size = cfg.image_size or spec.image_size
-        cfg.num_classes = cfg.num_classes or (10 if spec.family == "cifar" else 1000)
+        if cfg.batch_size is None:
+            cfg.batch_size = DEFAULT_BATCH[cfg.mode]
+        if cfg.image_size is None:
+            cfg.image_size = spec.image_size
+        if cfg.num_classes is None:
+            cfg.num_classes = 10 if spec.family == "cifar" else 1000
         for name in ("batch_size", "image_size", "warmup"):
             value = getattr(cfg, name)
             if value < (0 if name == "warmup" else 1):

@@ -1,0 +1,150 @@
+"""The fast inference path: BN folding is exact, backends agree, bad options are refused."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from reslab.checkpoint import CheckpointMeta, save_weights
+from reslab.errors import ReslabError
+from reslab.hardware import bf16_is_fast
+from reslab.infer import Predictor, fold_batchnorm, installed_backends, resolve_backend
+from reslab.models import Bottleneck, ResNet, create_model
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding has something to fold."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
+
+
+def tiny_resnext() -> nn.Module:
+    """Grouped bottlenecks with projection shortcuts (the ResNeXt shape), small enough for a test."""
+    return ResNet(Bottleneck, [1, 1, 1, 1], [8, 8, 16, 16], num_classes=7, groups=4, width_per_group=16)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "preact_resnet20", "resnet18", "tiny_resnext"])
+def test_fold_batchnorm_leaves_outputs_unchanged(name):
+    torch.manual_seed(0)
+    size = 32
+    model = randomize_batchnorm(tiny_resnext() if name == "tiny_resnext" else create_model(name, num_classes=7))
+    folded = fold_batchnorm(model)
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected, got = model(x), folded(x)
+    assert (got - expected).abs().max() / expected.abs().max() < 1e-5
+    remaining = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    if name.startswith("preact"):
+        # BN -> ReLU -> conv cannot fold; only the BN after each block's first conv can.
+        assert 0 < remaining < sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    else:
+        assert remaining == 0
+    # The original is untouched and the copy keeps the model's interface.
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert folded.forward_features(x).shape == model.forward_features(x).shape
+
+
+def test_fold_batchnorm_keeps_a_conv_used_twice_unfolded():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the conv output is needed unnormalized too
+
+    model = randomize_batchnorm(Branchy())
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(create_model("resnet20", num_classes=3))
+    meta = CheckpointMeta(model="resnet20", classes=["cat", "dog", "owl"],
+                          preprocessing={"image_size": 16, "in_channels": 3, "mean": [0.5, 0.5, 0.5],
+                                         "std": [0.25, 0.25, 0.25], "resize": "squash", "interpolation": "bilinear"})
+    return save_weights(tmp_path / "best.safetensors", model, meta)
+
+
+@pytest.fixture
+def images():
+    return torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def eager_logits(checkpoint, images):
+    predictor = Predictor(checkpoint, backend="torch", precision="fp32")
+    with torch.no_grad():
+        return predictor.model(predictor.normalize(images))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_backends_agree_with_eager_pytorch(backend, checkpoint, images, tmp_path, monkeypatch):
+    if backend not in installed_backends():
+        pytest.skip(f"{backend} not installed")
+    monkeypatch.setenv("RESLAB_DATA", str(tmp_path / "cache"))
+    expected = eager_logits(checkpoint, images)
+    predictor = Predictor(checkpoint, backend=backend, precision="fp32")
+    got = predictor.logits(images)
+    assert predictor.backend == backend
+    assert (got - expected).abs().max() < 1e-4
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    if backend != "torch":  # exported once into the cache, keyed by the weights
+        assert len(list((tmp_path / "cache" / "export").glob("resnet20-*"))) >= 1
+
+
+def test_bf16_torch_path_close_to_fp32(checkpoint, images):
+    expected = eager_logits(checkpoint, images)
+    with pytest.warns(UserWarning, match="slower") if not bf16_is_fast("cpu") else contextlib.nullcontext():
+        predictor = Predictor(checkpoint, backend="torch", precision="bf16")
+    got = predictor.logits(images)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_channels_last_and_compile_options(checkpoint, images):
+    expected = eager_logits(checkpoint, images)
+    predictor = Predictor(checkpoint, backend="torch", precision="fp32", channels_last=True)
+    assert predictor.runner.channels_last
+    assert (predictor.logits(images) - expected).abs().max() < 1e-4
+
+
+def test_auto_backend_is_installed_and_fastest_first():
+    assert resolve_backend("auto", "cpu") in installed_backends()
+    assert resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ReslabError, match="backend must be one of"):
+        resolve_backend("tensorrt")
+
+
+def test_onnxruntime_refuses_bf16(checkpoint):
+    if "onnxruntime" not in installed_backends():
+        pytest.skip("onnxruntime not installed")
+    with pytest.raises(ReslabError, match="fp32 only"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Predictor(checkpoint, backend="onnxruntime", precision="bf16")
+
+
+def test_missing_backend_names_the_extra(monkeypatch, checkpoint):
+    import reslab.infer as infer
+
+    monkeypatch.setattr(infer, "installed_backends", lambda: ["torch"])
+    with pytest.raises(ReslabError, match=r"reslab\[openvino\]"):
+        Predictor(checkpoint, backend="openvino")
+    assert Predictor(checkpoint).backend == "torch"  # auto falls back to torch without the extras
