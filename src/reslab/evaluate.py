@@ -129,13 +129,14 @@ def default_out(source: str | os.PathLike, data: str) -> Path:
 
 
 def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str | None = None,
-             out: str | os.PathLike | None = None, device: str = "cpu", data_dir: str | None = None) -> dict:
+             out: str | os.PathLike | None = None, device: str = "cpu", data_dir: str | None = None,
+             backend: str = "auto", precision: str = "auto") -> dict:
     """Evaluate a run directory or reslab weights file; writes eval.json, confusion.png, samples.png."""
     from reslab import plots
     from reslab.infer import Predictor
 
     checkpoint = resolve(source)
-    predictor = Predictor(checkpoint, device=device)
+    predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision)
     data = data or predictor.meta.extra.get("data")
     if not data:
         raise ReslabError(f"{checkpoint} does not say which data it was trained on; give --data")

@@ -14,6 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", help="cache folder for downloads and decoded folders")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda ...")
     parser.add_argument("--json", action="store_true", help="print eval.json instead of a table")
+    parser.add_argument("--backend", default="auto", help="auto (fastest installed), torch, onnxruntime, openvino")
+    parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native; default)")
 
 
 def run(args) -> int:
@@ -22,7 +24,7 @@ def run(args) -> int:
     from reslab.evaluate import evaluate
 
     result = evaluate(args.source, data=args.data, split=args.split, out=args.out, device=args.device,
-                      data_dir=args.data_dir)
+                      data_dir=args.data_dir, backend=args.backend, precision=args.precision)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
         return 0

@@ -11,6 +11,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda ...")
     parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.add_argument("--backend", default="auto", help="auto (fastest installed), torch, onnxruntime, openvino")
+    parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native; default)")
 
 
 def run(args) -> int:
@@ -20,7 +22,7 @@ def run(args) -> int:
 
     if args.top_k < 1:
         raise ReslabError(f"--top-k must be at least 1, got {args.top_k}")
-    predictor = Predictor(args.source, device=args.device)
+    predictor = Predictor(args.source, device=args.device, backend=args.backend, precision=args.precision)
     results = predictor.predict(args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps([{"image": str(path), "top": [{"class": c, "probability": p} for c, p in top]}
