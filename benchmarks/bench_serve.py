@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -165,8 +166,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     parser.add_argument("--out", default="docs/images/serve.png", help="screenshot file")
     parser.add_argument("--json", type=Path, help="also write the load result here")
-    parser.add_argument("serve_args", nargs="*", help="after --: extra `reslab serve` options, e.g. -- --backend torch")
+    parser.add_argument("--serve-args", default="", help="extra `reslab serve` options, e.g. '--backend torch'")
     args = parser.parse_args()
+    args.serve_args = shlex.split(args.serve_args)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or resnet20_checkpoint(Path(tmp))
         if args.image.exists():
@@ -181,7 +183,7 @@ def main() -> None:
             screenshot(args, checkpoint, image_path)
             return
         result = load(args, checkpoint, image_path.read_bytes(), image_path.name)
-    result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    result["command"] = shlex.join([Path(sys.executable).name, *sys.argv])
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
