@@ -73,7 +73,7 @@ def test_degradation_writes_summary_metrics_and_figure(degradation):
         assert m["residual"] == name.startswith("resnet")
         assert (Path(m["run_dir"]) / "last.safetensors").is_file()
     assert set(on_disk["definitions"]) >= {"final_train_error", "train_error_eval", "test_error"}
-    assert on_disk["settings"]["train_config"]["lr"] == 0.1  # one recipe for every net
+    assert on_disk["settings"]["train_config"]["lr"] == 0.05  # one recipe for every net
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["epoch"]) for r in rows] == [(n, e) for n in TOY for e in ("1", "2")]

@@ -12,7 +12,7 @@ def add_arguments(parser) -> None:
                      help="6n+2 depths; a plain and a residual net of each (default 20 56)")
     deg.add_argument("--epochs", type=int, default=None, help="epochs per net (default 8)")
     deg.add_argument("--batch-size", type=int, default=None)
-    deg.add_argument("--lr", type=float, default=None, help="peak lr of the one-cycle schedule (default 0.1)")
+    deg.add_argument("--lr", type=float, default=None, help="peak lr of the one-cycle schedule (default 0.05)")
     deg.add_argument("--recipe", choices=["paper", "fast"], default="fast")
     deg.add_argument("--image-size", type=int, default=None, help="input side (default 8 for digits, else 32)")
     deg.add_argument("--seed", type=int, default=0)
