@@ -191,6 +191,7 @@ def curves(path: str | os.PathLike, rows) -> Path:
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.set_title(name)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend()
     if epochs:
         axes[0, 0].set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
