@@ -152,3 +152,11 @@ def test_output_dtype_layout_and_pixel_mean():
     assert pixel_mean.shape == (3, 16, 16)
     x, _ = next(iter(BatchLoader(split, 8, shuffle=False, mean=pixel_mean, std=None)))
     assert torch.allclose(x.mean(0), torch.zeros(3, 16, 16), atol=1e-6)  # per-pixel mean removed
+
+
+def test_sampling_grid_equals_affine_grid():
+    from reslab.data.augment import affine_matrices, sampling_grid
+
+    theta = affine_matrices(5, POLICIES["folder"], torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [5, 3, 12, 20], align_corners=False)
+    assert torch.allclose(sampling_grid(theta, 12, 20), expected, atol=1e-6)
