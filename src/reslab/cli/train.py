@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="cache folder for downloads and decoded folders (default $RESLAB_DATA or ~/.cache/reslab)")
     add("--recipe", help="paper (section 4.2: SGD 0.1, lr/10 at 50%% and 75%%) or fast (default: one-cycle, "
                          "label smoothing)")
-    add("--epochs", type=int, help="epochs (recipe default: fast 8, paper 182)")
+    add("--epochs", type=int, help="epochs (recipe default: fast 6, paper 182)")
     add("--batch-size", type=int, help="batch size (default 128)")
     add("--lr", type=float, help="peak learning rate (recipe default)")
     add("--optimizer", help="sgd, adam or adamw (default sgd)")
