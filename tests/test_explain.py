@@ -100,6 +100,7 @@ def test_heat_map_for_another_class_and_top_k(trained, tmp_path):
     path = to_png(images[0], tmp_path / "x.png")
     result = explainer.explain(path, class_name="blank", top_k=5)
     assert result.class_name == "blank" and result.class_index == 0
+    assert result.probability == pytest.approx(dict(result.top_k)["blank"])
     assert [name for name, _ in result.top_k] == ["square", "blank"]  # k clipped to the 2 classes
     assert sum(p for _, p in result.top_k) == pytest.approx(1.0, abs=1e-5)
     overlay = result.overlay()

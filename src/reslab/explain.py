@@ -104,6 +104,7 @@ class Explanation:
     heatmap: np.ndarray  # float32 h x w in [0, 1], at the network's input resolution
     class_name: str  # the explained class
     class_index: int
+    probability: float  # of the explained class
     top_k: list[tuple[str, float]]  # (class, probability), most probable first
     layer: str
 
@@ -157,6 +158,7 @@ class Explainer:
             heatmap=heatmap.cpu().numpy(),
             class_name=classes[index],
             class_index=index,
+            probability=float(probs[index]),
             top_k=[(classes[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())],
             layer=self.layer,
         )

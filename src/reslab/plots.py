@@ -98,7 +98,7 @@ def gradcam(path: str | os.PathLike, image, overlay, top_k, *, explained: str, l
     for i, p in enumerate(probs):
         ax.text(min(p + 0.02, 0.82), i, f"{p:.1%}", va="center", fontsize=9)
     if title:
-        fig.suptitle(f"{title}  (layer {layer})", fontsize=10)
+        fig.suptitle(f"{title}: heat map from {layer}", fontsize=10)
     return save(fig, path)
 
 

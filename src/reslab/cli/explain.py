@@ -34,8 +34,9 @@ def run(args) -> int:
     explainer.class_index(args.class_name)  # an unknown --class fails before any work
     out = Path(args.out)
     table = Table(title=f"Grad-CAM of {explainer.predictor.meta.model}, layer {explainer.layer}")
-    for col in ("image", "explained class", "probability", "top class", "figure"):
+    for col in ("image", "explained class", "probability", "top class"):
         table.add_column(col)
+    table.add_column("figure", overflow="fold")
     used: set[str] = set()
     for image in args.images:
         result = explainer.explain(image, args.class_name, top_k=args.top_k)
@@ -47,8 +48,7 @@ def run(args) -> int:
         used.add(name)
         path = plots.gradcam(out / name, result.image, result.overlay(), result.top_k,
                              explained=result.class_name, layer=result.layer, title=Path(image).name)
-        probability = dict(result.top_k).get(result.class_name)
-        table.add_row(str(image), result.class_name, "" if probability is None else f"{probability:.1%}",
+        table.add_row(Path(image).name, result.class_name, f"{result.probability:.1%}",
                       f"{result.top_k[0][0]} ({result.top_k[0][1]:.1%})", str(path))
     Console().print(table)
     return 0
