@@ -40,8 +40,8 @@ from reslab.errors import ReslabError
 
 DEFAULT_TIMEOUT = 600.0  # seconds; NCCL's own default, and far above one epoch's checkpoint write
 TIMEOUT_ENV = "RESLAB_DIST_TIMEOUT"
-# A test hook: the rank named here raises after its first training step (see maybe_inject_crash).
-CRASH_ENV = "RESLAB_TEST_CRASH_RANK"
+# A test hook: the rank named here raises after a training step (see maybe_inject_crash).
+CRASH_ENV, CRASH_STEP_ENV = "RESLAB_TEST_CRASH_RANK", "RESLAB_TEST_CRASH_STEP"
 CASUALTY_GRACE = 5.0  # seconds a rank that lost a peer waits before it reports (see session)
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Devices whose tensors torch.nn.SyncBatchNorm accepts; elsewhere (CPU with gloo) reslab's own.
@@ -387,11 +387,15 @@ def shard_indices(n: int, ctx: DistContext) -> torch.Tensor:
     return torch.arange(ctx.rank, n, ctx.world_size)
 
 
-def maybe_inject_crash(ctx: DistContext) -> None:
-    """Test hook: raise on the rank named by $RESLAB_TEST_CRASH_RANK (the crash test uses it)."""
+def maybe_inject_crash(ctx: DistContext, step: int = 1) -> None:
+    """Test hook: rank $RESLAB_TEST_CRASH_RANK raises after training step $RESLAB_TEST_CRASH_STEP
+    (1-based, counted over the whole run; default 1). The crash tests use it; unset, it is inert."""
     target = os.environ.get(CRASH_ENV)
-    if target is not None and target.strip() == str(ctx.rank):
-        raise RuntimeError(f"crash injected on rank {ctx.rank} by {CRASH_ENV}={target}")
+    if target is None or target.strip() != str(ctx.rank):
+        return
+    at = int(os.environ.get(CRASH_STEP_ENV, "1"))
+    if step == at:
+        raise RuntimeError(f"crash injected on rank {ctx.rank} at step {step} by {CRASH_ENV}={target}")
 
 
 # --- launching -------------------------------------------------------------------------------

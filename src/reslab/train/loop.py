@@ -11,6 +11,7 @@ uninterrupted run would have, so on the CPU the final weights are bitwise equal.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from reslab.checkpoint import BEST, LAST, CheckpointMeta, read_weights, save_wei
 from reslab.errors import ReslabError
 from reslab.hardware import default_device, describe, resolve_precision
 from reslab.io import write_json
+from reslab.train import distributed
 from reslab.train import state as run_files
 from reslab.train.config import TrainConfig
 from reslab.train.distributed import DistContext
@@ -176,6 +178,7 @@ def _load_resume(config: TrainConfig) -> tuple[TrainConfig, dict, Path]:
         raise ReslabError(f"--resume {run_dir}: {run_files.CONFIG} is damaged; the run cannot be resumed") from None
     cfg = TrainConfig.from_dict(saved)
     cfg.resume, cfg.quiet, cfg.out = str(run_dir), config.quiet, str(run_dir)
+    cfg.nproc, cfg.dist_timeout = config.nproc, config.dist_timeout  # may differ from the first run's
     if config.epochs is not None and config.epochs != cfg.epochs:
         # A new length: the lr schedule stretches to it (so this resume is not exact by design).
         cfg.epochs = config.epochs
@@ -190,12 +193,14 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     `stop(epoch, step)` (1-based) is asked after every step; True acts as Ctrl-C would: finish the
     step, checkpoint, return with summary["interrupted"] set. Only rank 0 of `ctx` writes files.
     """
-    ctx = ctx or DistContext()
+    if ctx is None:  # this process alone, `nproc` spawned ones, or this rank of torchrun's job
+        return distributed.run(train, config, stop=stop)
     if config.resume:
         cfg, state, run_dir = _load_resume(config)
     else:
         cfg, state = config.resolve(), None
-        run_dir = run_files.new_run_dir(cfg.out, cfg.model, cfg.data)
+        # Rank 0 names the run (a timestamp) and checks --out; every rank uses its answer.
+        run_dir = ctx.broadcast(run_files.new_run_dir(cfg.out, cfg.model, cfg.data) if ctx.is_main else None)
     main = ctx.is_main
     device = ctx.device(cfg.device or default_device())
     precision = resolve_precision(cfg.precision, device)
@@ -206,8 +211,9 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     from reslab.models import create_model, get_model_spec
 
     spec = get_model_spec(cfg.model)
-    bundle = load_data(cfg.data, image_size=cfg.image_size or spec.image_size, val_split=cfg.val_split,
-                       seed=cfg.seed, data_dir=cfg.data_dir, quiet=cfg.quiet or not main)
+    with ctx.local_main_first():  # one download or decode cache per machine
+        bundle = load_data(cfg.data, image_size=cfg.image_size or spec.image_size, val_split=cfg.val_split,
+                           seed=cfg.seed, data_dir=cfg.data_dir, quiet=cfg.quiet or not main)
     if cfg.batch_size > len(bundle.train):
         raise ReslabError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(bundle.train)} "
                           f"images of {cfg.data}); give at most {len(bundle.train)}")
@@ -238,9 +244,11 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
+    # --batch-size is global (split over ranks) unless --scale-lr: see reslab.train.distributed.
+    plan = distributed.plan_batches(cfg.batch_size, cfg.lr, ctx.world_size, scale_lr=cfg.scale_lr)
+    optimizer = build_optimizer(model, dataclasses.replace(cfg, lr=plan.lr))
 
-    per_rank_batch = max(cfg.batch_size // ctx.world_size, 1)
+    per_rank_batch = plan.per_rank_batch
     augment = cfg.augment or bundle.augment
     loader_options = dict(mean=bundle.mean, std=bundle.std, device=device, channels_last=channels_last)
     # A last batch of one example would make BatchNorm's batch variance undefined; drop just that.
@@ -250,15 +258,14 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
                          **loader_options)
 
     def eval_loader(split):
-        return BatchLoader(split, max(per_rank_batch, 256), shuffle=False, rank=ctx.rank,
-                           world_size=ctx.world_size, **loader_options)
+        # Disjoint, unpadded shards: every example counted once (the sums are reduced afterwards).
+        shard = split if ctx.world_size == 1 else split.subset(distributed.shard_indices(len(split), ctx))
+        return BatchLoader(shard, max(per_rank_batch, 256), shuffle=False, **loader_options)
 
     val_loader = eval_loader(bundle.val) if bundle.val is not None else None
     train_model = model
     if ctx.enabled and ctx.world_size > 1:
-        from reslab.train import distributed
-
-        train_model = distributed.wrap(model, ctx)
+        train_model = distributed.wrap(model, ctx, sync_bn=cfg.sync_bn)
     if cfg.compile:
         train_model = torch.compile(train_model)
     step = make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip,
@@ -313,7 +320,7 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
         write_json(run_dir / run_files.CONFIG, {
             "config": cfg.to_dict(), "data": bundle.source, "classes": list(bundle.classes),
             "preprocessing": bundle.preprocessing(), "augment": augment, "precision": precision,
-            "channels_last": channels_last, "hardware": describe(), **reports,
+            "channels_last": channels_last, "hardware": describe(), "world_size": ctx.world_size, **reports,
         })
 
     with sigint_flag() as interrupted, _Progress(main and not cfg.quiet) as bar:
@@ -324,7 +331,8 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
             label = f"{epoch + 1}/{cfg.epochs}"
             loader.set_epoch(epoch)
             train_model.train()
-            sums = torch.tensor(p["partial"][:3], dtype=torch.float64, device=device)
+            # An interrupted epoch's partial sums are all ranks' (see halt below); rank 0 carries them.
+            sums = torch.tensor(p["partial"][:3] if main else [0.0] * 3, dtype=torch.float64, device=device)
             epoch_seconds, start_count = p["partial"][3], p["partial"][2]
             first_bad = torch.tensor(-1, device=device)
             bar.start_epoch(label, steps_per_epoch, p["step_in_epoch"])
@@ -339,11 +347,13 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
                                      torch.tensor(len(y), dtype=torch.float64, device=device)])
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
                 p["global_step"] += 1
+                distributed.maybe_inject_crash(ctx, p["global_step"])
                 p["step_in_epoch"] = i + 1
                 halt = interrupted.is_set() or (stop is not None and stop(epoch + 1, i + 1))
+                halt = ctx.any(halt)  # every rank stops at the same step
                 if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps_per_epoch or halt:
                     bad = int(first_bad)
-                    if bad >= 0:
+                    if ctx.any(bad >= 0):
                         raise ReslabError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad} "
                                           f"(lr {lr:.4g}); lower the lr (--lr, now {cfg.lr:g}) or add --grad-clip 1; "
                                           f"the last good checkpoint in {run_dir} is untouched")
@@ -352,9 +362,10 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
                     bar.update(i + 1, loss_sum / count, correct_sum / count, count / max(elapsed, 1e-9))
                 if halt:
                     seconds = time.perf_counter() - start
-                    p["partial"] = [*sums.tolist(), epoch_seconds + seconds]
+                    partial = list(ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"), sums.tolist()))).values())
+                    p["partial"] = [*partial, epoch_seconds + seconds]
                     p["train_seconds"] += seconds
-                    p["train_images"] += float(sums[2]) - start_count
+                    p["train_images"] += partial[2] - start_count
                     p["stopped"] = "interrupted"
                     if main:
                         checkpoint()
@@ -364,7 +375,7 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
             seconds = time.perf_counter() - start
             totals = ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"), sums.tolist())))
             p["train_seconds"] += seconds
-            p["train_images"] += totals["count"] - ctx.world_size * start_count
+            p["train_images"] += totals["count"] - start_count
             val_loss = val_acc = None
             if val_loader is not None:
                 v = ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"),
@@ -403,9 +414,11 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
         return result
     test = None
     if bundle.test is not None:
-        if p["best_epoch"] is not None and (run_dir / BEST).is_file():
-            weights, _ = read_weights(run_dir / BEST)
-            model.load_state_dict(weights)
+        if ctx.broadcast(p["best_epoch"] is not None and (run_dir / BEST).is_file()):
+            if main:
+                weights, _ = read_weights(run_dir / BEST)
+                model.load_state_dict(weights)
+            ctx.broadcast_state(model)
         t = ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"),
                                          evaluate_sums(model, eval_loader(bundle.test), precision).tolist())))
         test = {"acc": t["correct"] / t["count"], "loss": t["loss"] / t["count"]}
