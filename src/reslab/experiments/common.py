@@ -28,8 +28,8 @@ def default_out(experiment: str) -> Path:
     return Path("runs") / f"experiment-{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_cifar_names(names: list[str]) -> None:
-    """The experiments are about the CIFAR family's plain/residual pairs (paper section 4.2)."""
+def check_model_names(names: list[str]) -> None:
+    """Registered names, each once (the experiments compare plain/residual pairs, paper section 4.2)."""
     if not names:
         raise ReslabError("give at least one model, e.g. plain20 resnet20")
     if len(set(names)) != len(names):

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from reslab.data import BatchLoader, DataBundle, load_data
 from reslab.errors import ReslabError
 from reslab.experiments.common import (
-    check_cifar_names,
+    check_model_names,
     default_image_size,
     default_out,
     model_depth,
@@ -44,7 +44,7 @@ class GradientsConfig:
 
     def __post_init__(self):
         self.models = list(self.models)
-        check_cifar_names(self.models)
+        check_model_names(self.models)
         for key in ("batch_size", "steps"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch_size" else 0):
