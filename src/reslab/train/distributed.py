@@ -410,6 +410,9 @@ def run(train: Callable, config: Any, **kwargs: Any) -> dict:
     """
     env = torchrun_env()
     if env is None and config.nproc > 1:
+        if not config.resume:  # refuse a batch that does not split here, once, not on every rank
+            resolved = config.resolve()
+            plan_batches(resolved.batch_size, resolved.lr, config.nproc, scale_lr=resolved.scale_lr)
         return launch(config.nproc, train, config)
     if env is not None and config.nproc > 1 and config.nproc != env["world_size"]:
         raise ReslabError(
