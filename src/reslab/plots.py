@@ -192,6 +192,8 @@ def curves(path: str | os.PathLike, rows) -> Path:
         ax.set_ylabel(name)
         ax.set_title(name)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if name == "loss":  # early validation losses can be 100x the final ones (stale BN statistics)
+            ax.set_yscale("log")
         ax.legend()
     if epochs:
         axes[0, 0].set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
