@@ -282,7 +282,9 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
         optimizer.load_state_dict(state["optimizer"])
         run_files.set_rng_state(state["rng"])
         progress_state.update({k: state[k] for k in progress_state if k in state})
-        if progress_state["stopped"] == "interrupted":
+        # An interrupted run goes on; so does a completed one given more --epochs.
+        if progress_state["stopped"] == "interrupted" or (
+                progress_state["stopped"] == "completed" and progress_state["epoch"] < cfg.epochs):
             progress_state["stopped"] = "running"
     p = progress_state
 
