@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from reslab.errors import ReslabError
+from reslab.hardware import train_channels_last
 
 MODES = ("train", "infer")
 TRAIN_FLOPS_FACTOR = 3  # forward + backward, see the module docstring
@@ -169,8 +170,8 @@ def train_step(cfg: BenchConfig, model: nn.Module) -> tuple[Callable[[], object]
     device = torch.device(cfg.device)
     if cfg.textbook:
         return textbook_train_step(cfg, model)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else (
-        cfg.precision == "bf16" or device.type == "cuda")  # as reslab train decides
+    channels_last = cfg.channels_last if cfg.channels_last is not None else train_channels_last(
+        cfg.precision, device)  # as reslab train decides
     model = model.to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

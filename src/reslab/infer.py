@@ -10,10 +10,12 @@ The forward pass runs on a *backend*:
 - `onnxruntime` / `openvino`: the same BN-folded fp32 graph exported (reslab.export), cached per
   checkpoint under ~/.cache/reslab/export. Both are optional extras.
 
-`backend="auto"` takes the first installed backend of a fixed preference order decided from the
-measurements in benchmarks/RESULTS.md (Speed): on a CPU OpenVINO, then ONNX Runtime, then torch
-(OpenVINO was fastest at ResNet-50 batch 1 and batch 32 on the 2-core AVX2 machine and, per issue 7,
-with bf16 on AMX); on a GPU torch.
+`backend="auto"` takes the first installed backend of a preference order decided from the
+measurements in benchmarks/RESULTS.md (Speed): on a CPU without native bf16, ONNX Runtime, then
+OpenVINO, then torch (on the idle 2-core AVX2 machine, ResNet-50 fp32: ONNX Runtime 19.8 img/s at
+batch 32 and 60.6 ms at batch 1, OpenVINO 15.5 img/s and 65.0 ms, BN-folded torch 11.3 img/s and
+110 ms); on a CPU with AMX/AVX512-BF16, OpenVINO first (it runs bf16 there: about 190 img/s for
+ResNet-50 per issue 7's measurement on such a machine); on a GPU torch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from reslab.hardware import bf16_is_fast, resolve_precision
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 # Fastest first, on a CPU (benchmarks/RESULTS.md, Speed).
-CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
+CPU_PREFERENCE = ("onnxruntime", "openvino", "torch")
+CPU_BF16_PREFERENCE = ("openvino", "onnxruntime", "torch")
 # The Python packages each optional backend needs.
 _REQUIRES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
 _EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
@@ -112,7 +115,8 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
     if backend == "auto":
         if device.type != "cpu":
             return "torch"
-        return next(b for b in CPU_PREFERENCE if b in installed)
+        preference = CPU_BF16_PREFERENCE if bf16_is_fast(device) else CPU_PREFERENCE
+        return next(b for b in preference if b in installed)
     if backend not in installed:
         raise ReslabError(f"backend {backend!r} is not installed; `pip install reslab[{_EXTRA[backend]}]` "
                           "or use --backend torch")

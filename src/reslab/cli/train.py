@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--recipe", help="paper (section 4.2: SGD 0.1, lr/10 at 50%% and 75%%) or fast (default: one-cycle, "
                          "label smoothing)")
     add("--epochs", type=int, help="epochs (recipe default: fast 6, paper 182)")
-    add("--batch-size", type=int, help="batch size (default 128)")
+    add("--batch-size", type=int, help="batch size (recipe default: fast 64, paper 128)")
     add("--lr", type=float, help="peak learning rate (recipe default)")
     add("--optimizer", help="sgd, adam or adamw (default sgd)")
     add("--momentum", type=float, help="SGD momentum (default 0.9)")

@@ -54,12 +54,24 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _PostActivationBlock(nn.Module):
+    """Shared forward of the original (post-activation) blocks: y = ReLU(F(x) + shortcut(x))."""
+
+    residual = True
+    preact = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual_function(x)
+        if self.residual:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            out = self.add(out, shortcut)
+        return self.relu_out(out)
+
+
+class BasicBlock(_PostActivationBlock):
     """Two 3x3 convolutions (paper Figure 5, left). The stride sits in the first conv."""
 
     expansion = 1
-    residual = True
-    preact = False
 
     def __init__(
         self,
@@ -82,7 +94,7 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         if self.residual:
             self.add = ResidualAdd()
-        self.relu2 = nn.ReLU(inplace=True)
+        self.relu_out = nn.ReLU(inplace=True)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -91,15 +103,8 @@ class BasicBlock(nn.Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual_function(x)
-        if self.residual:
-            shortcut = x if self.downsample is None else self.downsample(x)
-            out = self.add(out, shortcut)
-        return self.relu2(out)
 
-
-class Bottleneck(nn.Module):
+class Bottleneck(_PostActivationBlock):
     """1x1 reduce, 3x3, 1x1 expand (paper Figure 5, right).
 
     torchvision ("v1.5") puts the downsampling stride in the 3x3; the original paper and Keras put
@@ -107,8 +112,6 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
-    residual = True
-    preact = False
 
     def __init__(
         self,
@@ -134,7 +137,7 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         if self.residual:
             self.add = ResidualAdd()
-        self.relu3 = nn.ReLU(inplace=True)
+        self.relu_out = nn.ReLU(inplace=True)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -143,13 +146,6 @@ class Bottleneck(nn.Module):
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual_function(x)
-        if self.residual:
-            shortcut = x if self.downsample is None else self.downsample(x)
-            out = self.add(out, shortcut)
-        return self.relu3(out)
 
 
 class PlainBlock(BasicBlock):

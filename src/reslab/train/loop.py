@@ -23,7 +23,7 @@ from torch import nn
 
 from reslab.checkpoint import BEST, LAST, CheckpointMeta, read_weights, save_weights
 from reslab.errors import ReslabError
-from reslab.hardware import default_device, describe, resolve_precision
+from reslab.hardware import default_device, describe, resolve_precision, train_channels_last
 from reslab.io import write_json
 from reslab.train import distributed
 from reslab.train import state as run_files
@@ -204,8 +204,7 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     main = ctx.is_main
     device = ctx.device(cfg.device or default_device())
     precision = resolve_precision(cfg.precision, device)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else (precision == "bf16"
-                                                                             or device.type == "cuda")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else train_channels_last(precision, device)
 
     from reslab.data import BatchLoader, load_data
     from reslab.models import create_model, get_model_spec
