@@ -45,10 +45,10 @@ _EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
 
 
 def normalizer(mean: Sequence[float], std: Sequence[float], channels: int):
-    """uint8 [0, 255] batch -> float (x/255 - mean)/std, as one multiply-add."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).expand(channels)[:, None, None]
-    std_t = torch.as_tensor(std, dtype=torch.float32).expand(channels)[:, None, None]
-    scale, shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+    """uint8 [0, 255] batch -> float (x/255 - mean)/std, exactly as the training loader does it."""
+    from reslab.data.loader import normalization
+
+    scale, shift = normalization(mean, std, channels)
 
     def normalize(images: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(shift.to(images.device), images.float(), scale.to(images.device))

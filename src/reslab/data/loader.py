@@ -21,6 +21,22 @@ from reslab.errors import ReslabError
 _ORDER, _AUGMENT = 0, 1
 
 
+def normalization(
+    mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor | None, channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) such that `addcmul(shift, x, scale)` is (x/255 - mean)/std on [0, 255] pixels.
+
+    `mean` is per channel, or a C x H x W per-pixel mean (paper section 4.2); `std` None means 1.
+    One multiply-add per pixel: the loader and the inference path both normalize this way.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float32)
+    std = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+    if mean.dim() == 1:
+        mean = mean.expand(channels)[:, None, None]
+    std = std.expand(channels)[:, None, None]
+    return 1.0 / (255.0 * std), -mean / std
+
+
 def _generator(*entropy: int) -> torch.Generator:
     # SeedSequence mixes the numbers well and identically on every platform.
     seed = int(np.random.SeedSequence(list(entropy)).generate_state(2, dtype=np.uint64)[0] >> 1)
@@ -75,15 +91,8 @@ class BatchLoader:
         self.channels_last = channels_last
         self.dtype = dtype
         self.epoch = 0
-        channels = split.images.shape[1]
-        mean = torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        if mean.dim() == 1:
-            mean = mean.expand(channels)[:, None, None]
-        std = std.expand(channels)[:, None, None]
-        # (x/255 - mean)/std as one multiply-add on [0, 255] pixels.
-        self._scale = (1.0 / (255.0 * std)).to(self.device)
-        self._shift = (-mean / std).to(self.device)
+        scale, shift = normalization(mean, std, split.images.shape[1])
+        self._scale, self._shift = scale.to(self.device), shift.to(self.device)
 
     @property
     def samples_per_rank(self) -> int:
