@@ -69,13 +69,17 @@ class CheckpointMeta:
             raise ReslabError(f"{path}: damaged reslab metadata ({err}); use another checkpoint") from None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DistributedDataParallel and torch.compile wrappers: what weights belong to."""
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
 def save_weights(path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta) -> Path:
     """Write the model's state dict and `meta` atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
-    model = getattr(model, "module", model)  # DDP and torch.compile wrappers
-    model = getattr(model, "_orig_mod", model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta.to_metadata())
     return Path(path)

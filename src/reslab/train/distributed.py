@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from reslab.checkpoint import unwrap
 from reslab.errors import ReslabError
 
 DEFAULT_TIMEOUT = 600.0  # seconds; NCCL's own default, and far above one epoch's checkpoint write
@@ -374,11 +375,6 @@ def wrap(model: nn.Module, ctx: DistContext, *, sync_bn: bool = False) -> nn.Mod
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP (what checkpoints store and what evaluation runs)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def shard_indices(n: int, ctx: DistContext) -> torch.Tensor:

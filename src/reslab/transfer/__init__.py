@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reslab.checkpoint import unwrap
 from reslab.errors import ReslabError
 from reslab.transfer import keras
 from reslab.transfer.sources import Loaded, is_url, read_source, split_url
@@ -40,11 +41,6 @@ WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 CLASSIFIER_NAMES = ("head.fc", "linear", "head", "classifier", "fc")
 FREEZE_POINTS = ("stem", "layer1", "layer2", "layer3", "layer4", "all-but-head")
 _TABLE_ROWS = 10
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def map_keys(state: dict[str, torch.Tensor], target_keys: set[str] | None = None) -> tuple[dict, dict]:
@@ -101,7 +97,7 @@ def match_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     other tensor must match by name and shape (BatchNorm's `num_batches_tracked` counters aside,
     which old checkpoints lack), else a ReslabError shows the mismatches.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     expected = model.state_dict()
     body = {k: v for k, v in expected.items() if not k.startswith("fc.")}
     rows = []
@@ -186,7 +182,7 @@ def load_pretrained(model: nn.Module, source: str, *, model_name: str, sha256: s
     says so. Returns a JSON-able report for the run's config.json.
     """
     loaded = read_source(str(source), sha256=sha256, quiet=quiet)
-    target = _unwrap(model)
+    target = unwrap(model)
     label = loaded.url or str(loaded.path)
     if loaded.kind == "keras":
         arch = loaded.info["architecture"]
@@ -261,7 +257,7 @@ def freeze(model: nn.Module, until: str) -> dict:
     parameters get requires_grad=False and their BatchNorm layers stay in eval mode across later
     model.train() calls, so their running statistics do not move.
     """
-    target = _unwrap(model)
+    target = unwrap(model)
     parts = _parts(target)
     names = [n for n, _ in parts]
     if until != "none" and until not in names:
@@ -281,10 +277,10 @@ def unfreeze_step(model: nn.Module, until: str) -> str:
 
     all-but-head -> last stage -> ... -> layer1 -> stem -> none. Apply it with `freeze(model, ...)`.
     """
-    names = [n for n, _ in _parts(_unwrap(model))]
+    names = [n for n, _ in _parts(unwrap(model))]
     if until == "none":
         return "none"
     i = names.index(until)
-    if until == "all-but-head" and not _parts(_unwrap(model))[-1][1]:
+    if until == "all-but-head" and not _parts(unwrap(model))[-1][1]:
         i -= 1  # nothing between the last stage and the head: skip straight past the last stage
     return names[i - 1] if i > 0 else "none"
