@@ -109,6 +109,11 @@ def _check_round_trip(bundle, batches):
     assert np.allclose(bundle.mean, expected_mean, atol=1e-6)
 
 
+def _leftovers(folder):
+    """Files a failed download could leave behind: the target, temporary files, partial files."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
 def test_download_verify_parse(tmp_path, monkeypatch, fake):
     tarball, batches = fake
     with Server([(tarball, len(tarball))]) as server:
@@ -121,7 +126,7 @@ def test_download_verify_parse(tmp_path, monkeypatch, fake):
         assert server.requests == 1
     assert (tmp_path / "cifar-10-batches-py" / cifar.COMPLETE).exists()
     assert again.train.labels.equal(bundle.train.labels)
-    assert not list(tmp_path.glob("*.part"))
+    assert _leftovers(tmp_path) == ["cifar-10-python.tar.gz"]  # no temporary file left beside it
 
 
 def test_truncated_download_is_rejected_and_retried(tmp_path, monkeypatch, fake, capsys):
@@ -137,15 +142,37 @@ def test_truncated_download_is_rejected_and_retried(tmp_path, monkeypatch, fake,
     assert "truncated" in err and "md5" in err
 
 
-def test_always_bad_download_is_an_error(tmp_path, monkeypatch, fake):
+def test_always_broken_transfer_is_a_network_error(tmp_path, monkeypatch, fake):
     tarball, _ = fake
-    with Server([(tarball[:1000], 1000)]) as server:
+    with Server([(tarball[:1000], len(tarball))]) as server:  # the connection always drops early
         monkeypatch.setenv("RESLAB_CIFAR_URL", server.url)
-        with pytest.raises(ReslabError, match="could not download .*cifar-10-python.tar.gz"):
+        with pytest.raises(ReslabError, match="could not download .*cifar-10-python.tar.gz.*truncated.*network"):
             load_data("cifar10", data_dir=str(tmp_path), quiet=True)
         assert server.requests == 3  # the first try and two retries
-    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
-    assert not list(tmp_path.glob("*.part"))
+    assert _leftovers(tmp_path) == []
+
+
+def test_same_wrong_file_twice_is_a_mismatch_not_a_network_error(tmp_path, monkeypatch, fake):
+    tarball, _ = fake
+    wrong = b"an html error page, say" * 40
+    with Server([(wrong, len(wrong))]) as server:
+        monkeypatch.setenv("RESLAB_CIFAR_URL", server.url)
+        with pytest.raises(ReslabError) as caught:
+            load_data("cifar10", data_dir=str(tmp_path), quiet=True)
+        assert server.requests == 2  # a second identical file proves it is not the transfer
+    message = str(caught.value)
+    expected = cifar.ARCHIVES["cifar10"].md5
+    assert message.startswith("hash mismatch: ") and "network" not in message
+    assert f"md5 {hashlib.md5(wrong).hexdigest()}, expected {expected}" in message
+    assert server.url + "cifar-10-python.tar.gz" in message
+    assert _leftovers(tmp_path) == []  # nothing that failed its hash stays to be reused
+
+    # A wrong file in the cache is not reused: the next run fetches again and gets the right one.
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(wrong)
+    with Server([(tarball, len(tarball))]) as server:
+        monkeypatch.setenv("RESLAB_CIFAR_URL", server.url)
+        load_data("cifar10", data_dir=str(tmp_path), quiet=True)
+        assert server.requests == 1
 
 
 def test_corrupt_cached_tarball_is_fetched_again(tmp_path, monkeypatch, fake):
@@ -213,5 +240,12 @@ def test_download_helper_sha256(tmp_path):
         # An existing file with the right hash is not fetched again.
         download(server.url + "w.bin", dest, sha256=hashlib.sha256(payload).hexdigest(), quiet=True)
         assert server.requests == 1
-        with pytest.raises(ReslabError, match="sha256"):
+        with pytest.raises(ReslabError, match="sha256 [0-9a-f]{64}, expected 0{64}"):
             download(server.url + "w.bin", tmp_path / "x.bin", sha256="0" * 64, retries=0, quiet=True)
+        assert not (tmp_path / "x.bin").exists()
+        # A prefix of the digest (torch.hub's file names carry one) is checked as a prefix.
+        download(server.url + "w.bin", tmp_path / "y.bin", sha256=hashlib.sha256(payload).hexdigest()[:8], quiet=True)
+        with pytest.raises(ReslabError, match="not a hex digest"):
+            download(server.url + "w.bin", tmp_path / "z.bin", sha256="xyz", quiet=True)
+        assert server.requests == 3  # w, x, y: a malformed hash is refused before anything is fetched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "y.bin"]

@@ -208,3 +208,18 @@ def test_large_jpeg_uses_draft_and_matches_size(tmp_path):
     big.save(tmp_path / "big.jpg", quality=90)
     out = preprocess_image(tmp_path / "big.jpg", image_size=64, in_channels=3)
     assert out.shape == (3, 64, 64)
+
+
+def test_a_cache_disk_too_small_is_refused_before_decoding(tmp_path, monkeypatch):
+    # The decoded cache is a memory map: a disk that fills up mid-decode would kill the process (SIGBUS).
+    import collections
+
+    root = make_mixed_folder(tmp_path / "pets")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(folder_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ReslabError, match=r"decoding .*pets at image size 16 needs 8.2 KiB in the cache .*folders, "
+                                          r"which has 1000 bytes free; free some space, give --data-dir"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            _load(root, tmp_path, val_split=0.0, image_size=16)
+    assert not list((tmp_path / "cache" / "folders").iterdir())

@@ -224,6 +224,11 @@ def test_keras_file_needs_stride_in_1x1(tmp_path):
         load_pretrained(create_model("resnet50", num_classes=4), str(path), model_name="resnet50", quiet=True)
     with pytest.raises(ReslabError, match="use --model resnet50"):
         load_pretrained(model, str(path), model_name="resnet152", quiet=True)  # checked before any tensor
+    # Known before the model is built: a CIFAR net never receives stride_in_1x1.
+    with pytest.raises(ReslabError, match=f"{path} holds Keras resnet50 weights, but the model is resnet20; "
+                                          "use --model resnet50"):
+        model_options_for(str(path), "resnet20")
+    assert kmod.architecture(path) == "resnet50"
 
 
 def _torch_name(keras_name: str) -> str:
@@ -241,7 +246,7 @@ def _torch_name(keras_name: str) -> str:
 def server(tmp_path, monkeypatch):
     root = tmp_path / "www"
     root.mkdir()
-    monkeypatch.setenv("RESLAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
     hits = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -295,7 +300,35 @@ def test_url_hub_style_name_is_checked(server):
     with pytest.raises(ReslabError, match="expected deadbeef"):
         load_pretrained(create_model("resnet20"), f"{base}/resnet20-deadbeef.pth", model_name="resnet20",
                         quiet=True)
-    assert not list((root.parent / "cache").rglob("resnet20-deadbeef.pth"))  # a bad file is not kept
+    assert not [p for p in (root.parent / "cache").rglob("*") if p.is_file()]  # a bad file is not kept
+
+
+def test_url_bad_hash_keeps_nothing_and_a_later_run_fetches_again(server, tmp_path):
+    root, base, hits = server
+    torch.save(create_model("resnet20").state_dict(), root / "w.pth")
+    digest = hashlib.sha256((root / "w.pth").read_bytes()).hexdigest()
+    with pytest.raises(ReslabError) as caught:
+        load_pretrained(create_model("resnet20"), f"{base}/w.pth", model_name="resnet20", sha256="ab" * 32,
+                        quiet=True)
+    message = str(caught.value)
+    assert message.startswith(f"hash mismatch: {base}/w.pth sends a file with sha256 {digest}, expected {'ab' * 32}")
+    assert "network" not in message
+    assert len(hits) == 2  # the same wrong file twice: not retried as if the network were at fault
+    cache = tmp_path / "cache"
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+    # Without the (wrong) hash the file is fetched again, not taken from the cache.
+    load_pretrained(create_model("resnet20"), f"{base}/w.pth", model_name="resnet20", quiet=True)
+    assert len(hits) == 3
+
+
+def test_url_unreadable_download_is_deleted_from_the_cache(server, tmp_path):
+    root, base, hits = server
+    (root / "cut.pth").write_bytes(b"PK\x03\x04 the first bytes of a zip, then nothing")
+    for _ in range(2):
+        with pytest.raises(ReslabError, match="not a readable torch checkpoint.*downloaded copy was deleted"):
+            load_pretrained(create_model("resnet20"), f"{base}/cut.pth", model_name="resnet20", quiet=True)
+    assert len(hits) == 2  # fetched again, never reused from the cache
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
 # --- freezing -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Foreign checkpoints (torchvision, timm, Keras, the wild) are the business of `re
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,15 +59,55 @@ class CheckpointMeta:
                 "to start from foreign weights use `reslab train --pretrained`"
             )
         try:
-            return cls(
-                model=meta["model"],
-                model_options=json.loads(meta.get("model_options", "{}")),
-                classes=json.loads(meta.get("classes", "[]")),
-                preprocessing=json.loads(meta.get("preprocessing", "{}")),
-                extra=json.loads(meta.get("extra", "{}")),
-            )
+            values = {"model": meta["model"]}
+            for name, empty in (("model_options", "{}"), ("classes", "[]"), ("preprocessing", "{}"), ("extra", "{}")):
+                values[name] = json.loads(meta.get(name, empty))
         except (KeyError, ValueError) as err:
             raise ReslabError(f"{path}: damaged reslab metadata ({err}); use another checkpoint") from None
+        problem = _metadata_problem(values)
+        if problem:
+            raise ReslabError(f"{path}: bad reslab metadata: {problem}; the file was edited or not written by "
+                              "reslab: use another checkpoint")
+        return cls(**values)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _metadata_problem(values: dict) -> str | None:
+    """What is wrong with the decoded metadata fields, or None: checked once, where a file is read,
+    so everything that builds a model or preprocesses an image from it can trust it."""
+    from reslab.data.bundle import RESIZE_MODES
+
+    model, options, classes = values["model"], values["model_options"], values["classes"]
+    pre, extra = values["preprocessing"], values["extra"]
+    if not model:
+        return "model is empty"
+    if not isinstance(options, dict):
+        return f"model_options must be a JSON object, got {options!r:.80}"
+    if "num_classes" in options:
+        return f"model_options holds num_classes ({options['num_classes']!r}), which the class list decides"
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return f"classes must be a list of names, got {classes!r:.80}"
+    if not isinstance(pre, dict):
+        return f"preprocessing must be a JSON object, got {pre!r:.80}"
+    if not isinstance(extra, dict):
+        return f"extra must be a JSON object, got {extra!r:.80}"
+    size, channels = pre.get("image_size", 1), pre.get("in_channels", 3)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"preprocessing image_size must be a positive integer, got {size!r:.80}"
+    if channels not in (1, 3) or isinstance(channels, bool):
+        return f"preprocessing in_channels must be 1 or 3, got {channels!r:.80}"
+    for key in ("mean", "std"):
+        value = pre.get(key, [1.0])
+        if (not isinstance(value, list) or len(value) not in (1, channels) or not all(map(_is_number, value))
+                or (key == "std" and min(value) <= 0)):
+            return (f"preprocessing {key} must be a list of 1 or {channels} finite numbers"
+                    f"{' above 0' if key == 'std' else ''}, got {value!r:.80}")
+    if pre.get("resize", RESIZE_MODES[0]) not in RESIZE_MODES:
+        return f"preprocessing resize must be one of {', '.join(RESIZE_MODES)}, got {pre['resize']!r:.80}"
+    return None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

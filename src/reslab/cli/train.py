@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--model", help="model name (default resnet20; `reslab models` lists them)")
     add("--data", help="digits (default), cifar10, cifar100, or an image folder")
-    add("--data-dir", help="cache folder for downloads and decoded folders (default $RESLAB_DATA or ~/.cache/reslab)")
+    add("--data-dir", help="cache folder for downloads and decoded folders (default $RESLAB_CACHE or "
+                           "~/.cache/reslab)")
     add("--recipe", help="paper (section 4.2: SGD 0.1, lr/10 at 50%% and 75%%) or fast (default: one-cycle, "
                          "label smoothing)")
     add("--epochs", type=int, help="epochs (recipe default: fast 6, paper 182)")
@@ -29,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--warmup-epochs", type=float, help="epochs of linear warm-up")
     add("--label-smoothing", type=float, help="label smoothing (fast 0.1, paper 0)")
     add("--image-size", type=int, help="input size (default: the model family's, 32 CIFAR / 224 ImageNet)")
-    add("--seed", type=int, help="seed of the split, the initial weights and the batch order (default 0)")
+    add("--seed", type=int, help="seed of the split, the initial weights and the batch order, in [0, 2**63) "
+                             "(default 0)")
     add("--precision", help="fp32, bf16 or auto (default: bf16 only where the hardware runs it fast)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels-last memory format (default: with bf16 or on a GPU)")

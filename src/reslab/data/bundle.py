@@ -7,13 +7,16 @@ conversion is one fused op per batch), which is what lets all of CIFAR live in m
 from __future__ import annotations
 
 import json
-import os
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from reslab.hardware import check_memory
+from reslab.io import write_text
 
 # preprocess_image's resize modes: keep the aspect ratio and crop the middle, or stretch.
 RESIZE_MODES = ("center_crop", "squash")
@@ -104,8 +107,6 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     Only a numpy Generator seeded from (seed, class) decides, so the same labels in the same
     order give the same split on any machine; a class keeps at least one training example.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     labels = np.asarray(labels)
     held = []
     for c in np.unique(labels):
@@ -116,6 +117,19 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
     train = np.setdiff1d(np.arange(len(labels)), held_out)
     return train.astype(np.int64), held_out.astype(np.int64)
+
+
+def check_fits(name: str, n: int, channels: int, image_size: int) -> None:
+    """Refuse, before anything is allocated, `n` images that decoded as uint8 at `image_size` cannot
+    fit in memory, naming a size that would (with room left for the model and its batches)."""
+
+    def advice(available: int) -> str:
+        fit = math.isqrt(available // 2 // max(n * channels, 1))
+        return f"use --image-size {fit} or less" if fit else "use fewer images or a machine with more memory"
+
+    check_memory(n * channels * image_size**2,
+                 f"{name} at image size {image_size} ({n} images of {channels}x{image_size}x{image_size} bytes)",
+                 advice)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -143,10 +157,8 @@ def cached_stats(path: Path, images: Callable[[], torch.Tensor]) -> Stats:
     except (OSError, ValueError, KeyError):
         pass
     mean, std = channel_stats(images())
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     try:
-        tmp.write_text(json.dumps({"mean": mean, "std": std}))
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"mean": mean, "std": std}))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
     return mean, std

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reslab.data.bundle import DataBundle, Split, cached_stats, resize_images, stratified_split
-from reslab.data.download import data_root, download, file_hash
+from reslab.data.bundle import DataBundle, Split, cached_stats, check_fits, resize_images, stratified_split
+from reslab.data.download import download, file_hash
 from reslab.errors import ReslabError
+from reslab.io import cache_root
 
 BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 COMPLETE = ".complete"  # written last into an extracted folder; without it the folder is partial
@@ -110,8 +111,9 @@ def _images_labels(path: Path, archive: Archive) -> tuple[np.ndarray, np.ndarray
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _extract(tarball: Path, dest_root: Path, archive: Archive) -> Path:
-    """Extract into a temporary folder, check every batch is there, mark complete, then rename."""
+def _extract(tarball: Path, dest_root: Path, archive: Archive, advice: str) -> Path:
+    """Extract into a temporary folder, check every batch is there, mark complete, then rename.
+    `advice` ends the error when the tarball is not what it should be."""
     final = dest_root / archive.folder
     dest_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest_root, prefix=f".{archive.folder}-"))
@@ -120,10 +122,14 @@ def _extract(tarball: Path, dest_root: Path, archive: Archive) -> Path:
             with tarfile.open(tarball, "r:gz") as tar:
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-            raise ReslabError(f"{tarball} is not a whole {archive.name} archive ({err}); delete it") from None
+            if isinstance(err, OSError) and err.errno is not None:  # the disk, not the archive (BadGzipFile)
+                raise ReslabError(f"cannot extract {tarball} into {dest_root} ({err.strerror}); free some space "
+                                  "there or give --data-dir on another disk") from None
+            raise ReslabError(f"{tarball} is not a whole {archive.name} archive ({err}); {advice}") from None
         missing = [m for m in archive.members if not (tmp / archive.folder / m).is_file()]
         if missing:
-            raise ReslabError(f"{tarball} lacks {archive.folder}/{missing[0]}; not a {archive.name} archive")
+            raise ReslabError(f"{tarball} lacks {archive.folder}/{missing[0]}, so it is not a {archive.name} "
+                              f"archive; {advice}")
         (tmp / archive.folder / COMPLETE).write_text(f"{tarball.name}\n")
         if final.exists():  # a partial folder from an interrupted run
             shutil.rmtree(final)
@@ -153,7 +159,7 @@ def prepare(
     base_url = base_url or os.environ.get("RESLAB_CIFAR_URL") or BASE_URL
     url = base_url.rstrip("/") + "/" + archive.file
     tarball = download(url, root / archive.file, md5=md5 or archive.md5, quiet=quiet)
-    return _extract(tarball, root, archive)
+    return _extract(tarball, root, archive, "delete it and run again")
 
 
 def _archive_of_folder(path: Path) -> tuple[Archive, Path] | None:
@@ -205,7 +211,7 @@ def _local(path: Path, root: Path, quiet: bool) -> tuple[Archive, Path, str | No
         return archive, dest / archive.folder, md5
     if not quiet:
         print(f"reslab: extracting {path}", file=sys.stderr)
-    return archive, _extract(path, dest, archive), md5
+    return archive, _extract(path, dest, archive, "download it again"), md5
 
 
 def load_cifar(
@@ -223,7 +229,7 @@ def load_cifar(
     accuracy); `val_split=0.1` is the paper's 45k/5k train/val split (section 4.2), stratified and
     seeded. Images are stored at `image_size` (default 32); 224 keeps 7.5 GB of CIFAR-10 in memory.
     """
-    root = data_root(data_dir)
+    root = cache_root(data_dir)
     if spec in ARCHIVES:
         archive = ARCHIVES[spec]
         folder, md5 = prepare(spec, root, quiet=quiet), archive.md5
@@ -245,9 +251,8 @@ def load_cifar(
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise ReslabError(f"{folder} has labels outside 0..{len(classes) - 1}; download it again")
 
-    if val_split is not None and not 0.0 <= val_split < 1.0:
-        raise ReslabError(f"--val-split must be in [0, 1), got {val_split}")
     size = image_size or 32
+    check_fits(archive.name, len(train_x) + len(test_x), 3, size)
     images = resize_images(torch.from_numpy(train_x), size)
     labels = torch.from_numpy(train_y)
     train, val = Split(images, labels), None
@@ -260,7 +265,6 @@ def load_cifar(
     files = [(m, (folder / m).stat().st_size, (folder / m).stat().st_mtime_ns) for m in archive.train]
     key = repr((str(folder), files, val_split, seed if val_split else 0, size))
     stats_path = root / "stats" / f"{archive.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    stats_path.parent.mkdir(parents=True, exist_ok=True)
     mean, std = cached_stats(stats_path, lambda: train.images)
     return DataBundle(
         name=spec,

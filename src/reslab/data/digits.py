@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reslab.data.bundle import DataBundle, Split, channel_stats, resize_images, stratified_split
+from reslab.data.bundle import DataBundle, Split, channel_stats, check_fits, resize_images, stratified_split
 
 # Held-out shares of the whole set when no --val-split is given: 70/10/20 train/val/test.
 TEST_FRACTION = 0.2
@@ -34,6 +34,7 @@ def load_digits(*, image_size: int | None, val_split: float | None, seed: int) -
     train, val = rest[train_in_rest], rest[val_in_rest]
 
     size = image_size or 8
+    check_fits("digits", len(images), 1, size)
     all_images = resize_images(torch.from_numpy(images), size)
     all_labels = torch.from_numpy(labels)
 

@@ -9,6 +9,7 @@ that array back.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -22,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reslab.data.bundle import DataBundle, Split, cached_stats, stratified_split
-from reslab.data.download import data_root
-from reslab.data.images import IMAGE_EXTENSIONS, decode_image
+from reslab.data.bundle import DataBundle, Split, cached_stats, check_fits, stratified_split
+from reslab.data.images import IMAGE_EXTENSIONS, IMAGE_FORMATS, decode_image
 from reslab.errors import ReslabError
+from reslab.hardware import format_bytes
+from reslab.io import cache_root
 
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_VAL_SPLIT = 0.2  # as image_dataset_from_directory(validation_split=0.2) in the course
@@ -47,7 +49,7 @@ class DataWarning(UserWarning):
 class _Scan:
     classes: list[str]
     files: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)], sorted
-    not_images: list[str]  # relative paths with an extension that is not an image's
+    skipped: dict[str, str]  # relative path -> why it is not used (not an image, a broken link)
 
 
 def _visible(entries) -> list[Path]:
@@ -63,7 +65,21 @@ def _walk(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _scan_classes(root: Path, folder: Path, classes: list[str] | None, not_images: list[str]):
+def _unusable(path: Path) -> str | None:
+    """Why `path` (an image by its name) cannot be read, or None. A symbolic link that loops or
+    points nowhere is listed by os.walk like a file; it is skipped as a corrupt image would be."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return "symbolic link to a missing file"
+        return err.strerror or str(err)
+    return None
+
+
+def _scan_classes(root: Path, folder: Path, classes: list[str] | None, skipped: dict[str, str]):
     dirs = [d for d in _visible(folder.iterdir()) if d.is_dir()]
     if not dirs:
         raise ReslabError(
@@ -89,27 +105,38 @@ def _scan_classes(root: Path, folder: Path, classes: list[str] | None, not_image
         entries = _walk(d)
         if not entries:
             raise ReslabError(f"class folder {d} is empty; add images to it or remove it")
+        found = 0
         for path in entries:
             rel = path.relative_to(root).as_posix()
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
+            why = "not an image file" if path.suffix.lower() not in IMAGE_EXTENSIONS else _unusable(path)
+            if why is None:
                 files.append((rel, label))
+                found += 1
             else:
-                not_images.append(rel)
+                skipped[rel] = why
+        if not found:
+            # Caught here, by name, rather than after decoding: nothing in the folder is worth decoding.
+            others = [p.relative_to(d).as_posix() for p in entries]
+            raise ReslabError(
+                f"class folder {d} holds no readable image, only {len(others)} other file"
+                f"{'s' if len(others) > 1 else ''} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                f"add {IMAGE_FORMATS} images to it or remove it"
+            )
     return classes, files
 
 
 def _scan(root: Path) -> _Scan:
     subdirs = [d.name for d in _visible(root.iterdir()) if d.is_dir()]
-    not_images: list[str] = []
+    skipped: dict[str, str] = {}
     if subdirs and set(subdirs) <= set(SPLIT_NAMES):
         files = {}
         classes = None
         # train/ defines the classes; val/ and test/ must hold the same ones.
         for name in sorted(subdirs, key=SPLIT_NAMES.index):
-            classes, files[name] = _scan_classes(root, root / name, classes, not_images)
-        return _Scan(classes, files, not_images)
-    classes, files = _scan_classes(root, root, None, not_images)
-    return _Scan(classes, {"all": files}, not_images)
+            classes, files[name] = _scan_classes(root, root / name, classes, skipped)
+        return _Scan(classes, files, skipped)
+    classes, files = _scan_classes(root, root, None, skipped)
+    return _Scan(classes, {"all": files}, skipped)
 
 
 def _decode_job(args):
@@ -179,6 +206,14 @@ def _load_cached(root: Path, rels: list[str], image_size: int, cache: Path, work
     entry = cache / key
     if not (entry / "index.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
+        # The decoded array is a memory map: a full disk would surface as a SIGBUS mid-decode.
+        need, free = len(rels) * 3 * image_size**2, shutil.disk_usage(cache).free
+        if need > free:
+            raise ReslabError(
+                f"decoding {root} at image size {image_size} needs {format_bytes(need)} in the cache {cache}, "
+                f"which has {format_bytes(free)} free; free some space, give --data-dir on a larger disk, "
+                "or use a smaller --image-size"
+            )
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{key}-"))
         try:
             out = np.lib.format.open_memmap(
@@ -249,14 +284,15 @@ def load_folder(
     scan = _scan(root)
     ordered = [(split, rel, label) for split, items in scan.files.items() for rel, label in items]
     rels = [rel for _, rel, _ in ordered]
-    images, errors, entry = _load_cached(root, rels, size, data_root(data_dir) / "folders", workers, quiet)
-    _warn_skipped(root, {**{rel: "not an image file" for rel in scan.not_images}, **errors})
+    check_fits(str(root), len(rels), 3, size)
+    images, errors, entry = _load_cached(root, rels, size, cache_root(data_dir) / "folders", workers, quiet)
+    _warn_skipped(root, {**scan.skipped, **errors})
 
     labels = torch.tensor([label for _, _, label in ordered], dtype=torch.int64)
-    readable = torch.tensor([rel not in errors for rel in rels])
+    readable = torch.tensor([rel not in errors for rel in rels], dtype=torch.bool)
     splits: dict[str, torch.Tensor] = {}
     for name in scan.files:
-        in_split = torch.tensor([split == name for split, _, _ in ordered]) & readable
+        in_split = torch.tensor([split == name for split, _, _ in ordered], dtype=torch.bool) & readable
         splits[name] = torch.nonzero(in_split).flatten()
         present = set(labels[splits[name]].tolist())
         for label, cls in enumerate(scan.classes):
@@ -278,8 +314,6 @@ def load_folder(
             )
         if "val" not in splits and val_split is None and "train" in scan.files:
             fraction = DEFAULT_VAL_SPLIT
-    if fraction is not None and not 0.0 <= fraction < 1.0:
-        raise ReslabError(f"--val-split must be in [0, 1), got {fraction}")
     if fraction:
         train_pos, val_pos = stratified_split(labels[index].numpy(), fraction, seed)
         splits["val"] = index[torch.from_numpy(val_pos)]
@@ -317,7 +351,7 @@ def load_folder(
             "val_split": fraction,
             "seed": seed,
             "sizes": {"train": len(train), "val": len(val or ()), "test": len(test or ())},
-            "skipped": len(errors) + len(scan.not_images),
+            "skipped": len(errors) + len(scan.skipped),
             "cache": str(entry),
         },
         resize=RESIZE,

@@ -16,6 +16,7 @@ from reslab.data.bundle import RESIZE_MODES
 from reslab.errors import ReslabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_FORMATS = "JPEG, PNG, BMP, GIF, WebP or TIFF"  # the same, for messages
 
 # JPEG's DCT can decode at 1/2, 1/4 or 1/8 scale almost for free; only worth it when the target is
 # at most half the stored size (draft never goes below the requested size).
@@ -106,6 +107,6 @@ def preprocess_image(
         array = decode_image(img, image_size, in_channels, resize)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ReslabError(
-            f"cannot read {img} as an image ({err}); give a JPEG, PNG, BMP, GIF, WebP or TIFF"
+            f"cannot read {img} as an image ({err}); give a {IMAGE_FORMATS} file"
         ) from None
     return torch.from_numpy(array)

@@ -75,8 +75,6 @@ class BatchLoader:
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
     ):
-        if batch_size < 1:
-            raise ReslabError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ReslabError(f"rank must be in [0, {world_size}), got {rank}")
         self.split = split

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from reslab.io import cache_root, write_text
 from reslab.models.registry import get_model_spec, list_models
 from reslab.models.summary import measure
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RESLAB_CACHE", Path.home() / ".cache" / "reslab"))
 
 
 def _code_hash() -> str:
@@ -44,7 +40,7 @@ def _measure_row(name: str) -> dict:
 
 def catalog(family: str | None = None, quiet: bool = False) -> list[dict]:
     """One dict per registered model: name, family, block, depth, image_size, params, macs, residual_adds."""
-    path = cache_dir() / f"models-{_code_hash()}.json"
+    path = cache_root() / f"models-{_code_hash()}.json"
     rows = None
     if path.exists():
         try:
@@ -58,10 +54,7 @@ def catalog(family: str | None = None, quiet: bool = False) -> list[dict]:
         rows = [_measure_row(n) for n in track(names, description="measuring models", disable=quiet,
                                                 transient=True)]
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows))
-            os.replace(tmp, path)
+            write_text(path, json.dumps(rows))
         except OSError:
             pass  # a read-only home still gets its table, just not cached
     return [r for r in rows if family is None or r["family"] == family]

@@ -25,11 +25,14 @@ import math
 from dataclasses import dataclass, fields
 
 from reslab.errors import ReslabError
+from reslab.hardware import PRECISIONS, check_device, check_memory, default_device
 
 RECIPES = ("paper", "fast")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "onecycle", "cosine", "constant")
-PRECISIONS = ("fp32", "bf16", "auto")
+# torch.manual_seed takes 64 bits and numpy's SeedSequence no negatives; a signed int64 suits both
+# and any tensor that stores it.
+SEED_LIMIT = 2**63
 
 # Per recipe: the values that fill fields left None (lr and weight decay depend on the optimizer).
 _RECIPE_DEFAULTS = {
@@ -166,8 +169,14 @@ class TrainConfig:
             raise ReslabError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ReslabError(f"--grad-clip must be a positive number, got {self.grad_clip!r}")
-        if self.val_split is not None and not 0.0 <= self.val_split < 1.0:
-            raise ReslabError(f"--val-split must be a fraction in [0, 1), got {self.val_split}")
+        split = self.val_split
+        if split is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1):
+            raise ReslabError(f"--val-split must be a fraction in [0, 1), got {self.val_split!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ReslabError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
+        device = check_device(self.device or default_device())
+        if self.image_size is not None and device.type == "cpu":
+            self._check_batch_fits()
         if self.early_stop is not None and self.val_split == 0:
             raise ReslabError("--early-stop watches the validation accuracy, but --val-split 0 leaves no "
                               "validation data; give --val-split > 0 or drop --early-stop")
@@ -175,3 +184,14 @@ class TrainConfig:
             raise ReslabError(f"--freeze {self.freeze} freezes pretrained layers; give --pretrained SRC too")
         if self.pretrained_sha256 is not None and self.pretrained is None:
             raise ReslabError("--pretrained-sha256 checks pretrained weights; give --pretrained SRC too")
+
+    def _check_batch_fits(self) -> None:
+        # A lower bound: the float input batch alone (3 channels at most), before any activation.
+        per_image = 3 * self.image_size**2 * 4
+        check_memory(
+            self.batch_size * per_image,
+            f"--image-size {self.image_size} with --batch-size {self.batch_size}: one float batch",
+            lambda available: f"use --batch-size {available // 2 // per_image} or a smaller --image-size"
+            if available // 2 >= per_image else
+            f"use --image-size {math.isqrt(available // 2 // (12 * self.batch_size))} or less",
+        )

@@ -135,12 +135,14 @@ def match_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     return out, head
 
 
-def model_options_for(source: str) -> dict:
+def model_options_for(source: str, model_name: str | None = None) -> dict:
     """create_model options that the weights in `source` need, known before the model is built.
 
     Keras's ResNets put the stride in the first 1x1 of a bottleneck (the paper's v1), so a model
     for them needs stride_in_1x1=True; a reslab checkpoint brings its own model options.
-    Looks only at the name or, for local files, the file (never downloads).
+    Looks only at the name or, for local files, the file (never downloads). A local Keras file is
+    refused here, naming it, when it holds no Keras ResNet50/101/152 or (given `model_name`)
+    another one than the model: before the option would reach a model that has no such stride.
     """
     if is_url(source):
         url, _ = split_url(source)
@@ -149,6 +151,9 @@ def model_options_for(source: str) -> dict:
     if not path.exists():
         return {}
     if path.is_file() and keras.is_keras_file(path):
+        arch = keras.architecture(path)
+        if model_name is not None:
+            keras.check_architecture(str(path), arch, model_name)
         return {"stride_in_1x1": True}
     if path.is_dir() or path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError, safe_open
@@ -185,9 +190,7 @@ def load_pretrained(model: nn.Module, source: str, *, model_name: str, sha256: s
     target = unwrap(model)
     label = loaded.url or str(loaded.path)
     if loaded.kind == "keras":
-        arch = loaded.info["architecture"]
-        if model_name != arch:
-            raise ReslabError(f"{label} holds Keras {arch} weights, but the model is {model_name}; use --model {arch}")
+        keras.check_architecture(label, loaded.info["architecture"], model_name)
         if _stride_in_1x1(target) is False:
             raise ReslabError(f"{label} holds Keras weights, which put the stride in the first 1x1 conv of a "
                               f"bottleneck; create the model with create_model({model_name!r}, stride_in_1x1=True) "

@@ -65,9 +65,10 @@ def _open_h5(path: Path):
                           "or .keras file written by Keras") from None
 
 
-def _named_layers(h5) -> dict[str, dict[str, np.ndarray]]:
-    """Legacy layout: every dataset under a group named like a Keras ResNet layer."""
-    layers: dict[str, dict[str, np.ndarray]] = {}
+def _named_layers(h5, read: bool = True) -> dict[str, dict[str, np.ndarray | None]]:
+    """Legacy layout: every dataset under a group named like a Keras ResNet layer (its values only
+    when `read`, so the architecture can be told without reading the weights)."""
+    layers: dict[str, dict[str, np.ndarray | None]] = {}
 
     def visit(name, obj):
         if not hasattr(obj, "shape"):
@@ -75,10 +76,27 @@ def _named_layers(h5) -> dict[str, dict[str, np.ndarray]]:
         parts = name.split("/")
         owner = next((p for p in reversed(parts[:-1]) if _LAYER.match(p)), None)
         if owner is not None:
-            layers.setdefault(owner, {})[parts[-1].split(":")[0]] = np.asarray(obj)
+            layers.setdefault(owner, {})[parts[-1].split(":")[0]] = np.asarray(obj) if read else None
 
     h5.visititems(visit)
     return layers
+
+
+def _not_a_resnet(path: Path, h5) -> ReslabError:
+    """The error for an HDF5 file without a Keras ResNet50/101/152 in it, saying what it holds."""
+    names: list[str] = []
+    h5.visit(names.append)
+    top = list(h5.keys())
+    if any("_preact_" in name for name in names):
+        what = "it looks like a Keras ResNetV2 (pre-activation), whose layers reslab does not convert"
+    elif top:
+        what = f"it holds {', '.join(top[:4])}{', ...' if len(top) > 4 else ''}"
+    else:
+        what = "it is empty"
+    return ReslabError(
+        f"{path} is not the weights of a Keras applications ResNet50, ResNet101 or ResNet152 ({what}); give "
+        "such a file with --model resnet50/101/152, or a torch or safetensors checkpoint of the model"
+    )
 
 
 def _keras_layer_order(depths: tuple[int, ...]) -> tuple[list[str], list[str]]:
@@ -96,7 +114,7 @@ def _keras_layer_order(depths: tuple[int, ...]) -> tuple[list[str], list[str]]:
     return convs, bns
 
 
-def _counter_layers(h5, path: Path) -> dict[str, dict[str, np.ndarray]]:
+def _counter_layers(h5, path: Path, read: bool = True) -> dict[str, dict[str, np.ndarray]]:
     """Keras 3 `.weights.h5`: `layers/conv2d_<k>/vars/<i>`, named back through the layer order."""
 
     def find(group):
@@ -122,6 +140,8 @@ def _counter_layers(h5, path: Path) -> dict[str, dict[str, np.ndarray]]:
         raise ReslabError(f"{path}: {len(conv_groups)} convolutions and {len(bn_groups)} BatchNorms do not make "
                           "a Keras applications ResNet50, ResNet101 or ResNet152")
     conv_names, bn_names = _keras_layer_order(DEPTHS[arch])
+    if not read:
+        return {name: {} for name in conv_names + bn_names}
     layers = {}
     for names, groups, var_names in ((conv_names, conv_groups, _CONV_VARS), (bn_names, bn_groups, _BN_VARS)):
         for name, key in zip(names, groups):
@@ -176,17 +196,33 @@ def _convert(layers: dict[str, dict[str, np.ndarray]], path: Path) -> dict[str, 
     return state
 
 
-def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """A state dict for our `resnetXX(stride_in_1x1=True)` and the architecture name it fits."""
+def _layers(path: Path, read: bool) -> tuple[dict[str, dict], str]:
     with _open_h5(path) as h5:
-        layers = _named_layers(h5) or _counter_layers(h5, path)
-    if "conv1_conv" not in layers:
-        raise ReslabError(f"{path} holds no Keras applications ResNet weights (no conv1_conv layer); "
-                          "give the weights of keras.applications.ResNet50, ResNet101 or ResNet152")
+        layers = _named_layers(h5, read) or _counter_layers(h5, path, read)
+        if "conv1_conv" not in layers:
+            raise _not_a_resnet(path, h5)
     depths = tuple(
         len({m.group(1) for n in layers if (m := re.match(rf"conv{s}_block(\d+)_", n))}) for s in range(2, 6)
     )
     arch = next((n for n, d in DEPTHS.items() if d == depths), None)
     if arch is None:
-        raise ReslabError(f"{path}: Keras ResNet with stage depths {depths} is none of ResNet50/101/152")
+        raise ReslabError(f"{path}: a Keras ResNet with stage depths {depths}, which is none of ResNet50/101/152; "
+                          "give the weights of keras.applications.ResNet50, ResNet101 or ResNet152")
+    return layers, arch
+
+
+def architecture(path: Path) -> str:
+    """Which of resnet50/101/152 a Keras weights file holds, from its layer names alone (no weights
+    are read); a ReslabError naming the file when it holds none of them."""
+    return _layers(path, read=False)[1]
+
+
+def check_architecture(label: str, arch: str, model_name: str) -> None:
+    if model_name != arch:
+        raise ReslabError(f"{label} holds Keras {arch} weights, but the model is {model_name}; use --model {arch}")
+
+
+def read_keras(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A state dict for our `resnetXX(stride_in_1x1=True)` and the architecture name it fits."""
+    layers, arch = _layers(path, read=True)
     return _convert(layers, path), arch

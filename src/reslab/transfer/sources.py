@@ -63,12 +63,12 @@ def is_url(source: str) -> bool:
 
 
 def _cache_path(url: str) -> Path:
-    from reslab.data.download import data_root
+    from reslab.io import cache_root
 
     name = Path(urllib.parse.urlparse(url).path).name or "weights"
     # One folder per URL: the original file name is kept (its suffix tells the format, its hub-style
     # hash prefix is checked) and two hosts' "model.pth" never collide.
-    return data_root() / "weights" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    return cache_root() / "weights" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
 
 
 def _check_sha(path: Path, expected: str | None, actual: str, what: str) -> None:
@@ -82,25 +82,28 @@ def _check_sha(path: Path, expected: str | None, actual: str, what: str) -> None
 
 
 def fetch(source: str, sha256: str | None, quiet: bool) -> tuple[Path, str]:
-    """Download a URL source once into the cache, hash-checked; returns (local path, url)."""
+    """Download a URL source once into the cache, hash-checked; returns (local path, url).
+
+    The expected hash (given, in the URL or in a hub-style file name) is checked by the download
+    itself, before the file takes its place in the cache, so a bad file is never there to reuse.
+    """
     from reslab.data.download import download
 
     url, fragment_sha = split_url(source)
     if sha256 and fragment_sha and sha256.lower() != fragment_sha.lower():
         raise ReslabError(f"two different hashes for {url}: #sha256={fragment_sha} in the URL and {sha256} given")
-    expected = sha256 or fragment_sha
+    expected = (sha256 or fragment_sha or "").lower() or None
     dest = _cache_path(url)
-    full = expected if expected and len(expected) == 64 else None
-    path = download(url, dest, sha256=full, quiet=quiet)
-    actual = file_sha256(path)
     hub = _HUB_NAME.search(dest.name)
-    for check in (expected, hub.group(1) if hub else None):
-        try:
-            _check_sha(path, check, actual, "downloaded file")
-        except ReslabError:
-            path.unlink(missing_ok=True)  # never keep a bad file in the cache
-            raise
-    return path, url
+    if hub and expected:
+        short, long = sorted((hub.group(1), expected), key=len)
+        if not long.startswith(short):
+            raise ReslabError(f"two different hashes for {url}: its file name carries the sha256 prefix "
+                              f"{hub.group(1)} and {expected} was given; check the hash")
+        expected = long
+    elif hub:
+        expected = hub.group(1)
+    return download(url, dest, sha256=expected, quiet=quiet), url
 
 
 def _is_state_dict(obj) -> bool:
@@ -167,16 +170,25 @@ def read_source(source: str, *, sha256: str | None = None, quiet: bool = False) 
     digest = file_sha256(path)
     if url is None:
         _check_sha(path, sha256, digest, "weights file")
+    try:
+        state, kind, info = _read(path)
+    except ReslabError as err:
+        if url is None:
+            raise
+        path.unlink(missing_ok=True)  # our unusable copy: a later run must fetch it again, not reuse it
+        raise ReslabError(f"{err}; the downloaded copy was deleted from the cache") from None
+    return Loaded(state, kind, path, digest, url, info)
+
+
+def _read(path: Path) -> tuple[dict, str, dict]:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        state, kind, info = _read_safetensors(path)
-    elif keras.is_keras_file(path):
+        return _read_safetensors(path)
+    if keras.is_keras_file(path):
         state, arch = keras.read_keras(path)
-        kind, info = "keras", {"architecture": arch}
-    elif suffix in TORCH_SUFFIXES or zipfile.is_zipfile(path):
+        return state, "keras", {"architecture": arch}
+    if suffix in TORCH_SUFFIXES or zipfile.is_zipfile(path):
         state, info = _read_torch(path)
-        kind = "torch"
-    else:
-        raise ReslabError(f"{path}: unknown weights format {suffix or '(no suffix)'}; give a reslab run, a torch "
-                          f"checkpoint ({'/'.join(TORCH_SUFFIXES)}), .safetensors or a Keras .h5 file")
-    return Loaded(state, kind, path, digest, url, info)
+        return state, "torch", info
+    raise ReslabError(f"{path}: unknown weights format {suffix or '(no suffix)'}; give a reslab run, a torch "
+                      f"checkpoint ({'/'.join(TORCH_SUFFIXES)}), .safetensors or a Keras .h5 file")
