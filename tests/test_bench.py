@@ -36,7 +36,7 @@ def test_bench_json_has_the_documented_fields(mode, capsys):
 def test_compare_puts_the_textbook_loop_first_and_every_installed_backend_after():
     rows = [p.resolve() for p in peers(BenchConfig(model="resnet20", mode="infer", image_size=8))]
     assert rows[0].textbook and rows[0].precision == "fp32" and rows[0].channels_last is False
-    from reslab.infer import installed_backends
+    from reslab.inference import installed_backends
 
     assert {r.backend for r in rows[1:]} == set(installed_backends())
     train_rows = peers(BenchConfig(mode="train"))

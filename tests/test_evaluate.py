@@ -12,7 +12,7 @@ import torch
 from reslab.cli import main
 from reslab.errors import ReslabError
 from reslab.evaluate import evaluate, metrics, sample_indices
-from reslab.infer import Predictor
+from reslab.inference import Predictor
 from reslab.train import train
 from test_train import CLASSES, make_folder, tiny_config
 

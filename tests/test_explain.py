@@ -10,7 +10,7 @@ from PIL import Image
 from reslab.checkpoint import CheckpointMeta, save_weights
 from reslab.errors import ReslabError
 from reslab.explain import Explainer, grad_cam
-from reslab.infer import Predictor
+from reslab.inference import Predictor
 from reslab.models import create_model
 
 SIZE, PATCH = 16, 3

@@ -8,8 +8,8 @@ import torch
 from reslab.checkpoint import CheckpointMeta, save_weights
 from reslab.cli import main
 from reslab.errors import ReslabError
-from reslab.export import TOLERANCE, export, read_exported_meta
-from reslab.infer import Predictor
+from reslab.inference import Predictor
+from reslab.inference.export import TOLERANCE, export, read_exported_meta
 from reslab.models import create_model
 
 CLASSES = ["cat", "dog", "owl"]

@@ -12,7 +12,7 @@ from torch import nn
 from reslab.checkpoint import CheckpointMeta, save_weights
 from reslab.errors import ReslabError
 from reslab.hardware import bf16_is_fast
-from reslab.infer import Predictor, fold_batchnorm, installed_backends, resolve_backend
+from reslab.inference import Predictor, fold_batchnorm, installed_backends, resolve_backend
 from reslab.models import Bottleneck, ResNet, create_model
 
 
@@ -99,7 +99,7 @@ def eager_logits(checkpoint, images):
 def test_backends_agree_with_eager_pytorch(backend, checkpoint, images, tmp_path, monkeypatch):
     if backend not in installed_backends():
         pytest.skip(f"{backend} not installed")
-    monkeypatch.setenv("RESLAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
     expected = eager_logits(checkpoint, images)
     predictor = Predictor(checkpoint, backend=backend, precision="fp32")
     got = predictor.logits(images)
@@ -128,23 +128,90 @@ def test_channels_last_and_compile_options(checkpoint, images):
 
 def test_auto_backend_is_installed_and_fastest_first():
     assert resolve_backend("auto", "cpu") in installed_backends()
-    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("auto", "cuda") == resolve_backend("auto", torch.device("cuda:1")) == "torch"
     with pytest.raises(ReslabError, match="backend must be one of"):
         resolve_backend("tensorrt")
 
 
-def test_onnxruntime_refuses_bf16(checkpoint):
+def test_onnxruntime_refuses_bf16_and_takes_auto_as_fp32(checkpoint, monkeypatch):
     if "onnxruntime" not in installed_backends():
         pytest.skip("onnxruntime not installed")
     with pytest.raises(ReslabError, match="fp32 only"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Predictor(checkpoint, backend="onnxruntime", precision="bf16")
+    monkeypatch.setenv("RESLAB_CPU_BF16", "1")  # a CPU where `auto` means bf16 for the other backends
+    assert Predictor(checkpoint, backend="onnxruntime").precision == "fp32"
 
 
 def test_missing_backend_names_the_extra(monkeypatch, checkpoint):
-    import reslab.infer as infer
+    from reslab.inference import backends
 
-    monkeypatch.setattr(infer, "installed_backends", lambda: ["torch"])
+    monkeypatch.setattr(backends, "installed_backends", lambda: ["torch"])
     with pytest.raises(ReslabError, match=r"reslab\[openvino\]"):
         Predictor(checkpoint, backend="openvino")
     assert Predictor(checkpoint).backend == "torch"  # auto falls back to torch without the extras
+
+
+# command -> (positional arguments, the shared inference options it offers)
+INFERENCE_COMMANDS = {
+    "predict": (["RUN", "x.png"], ["--device", "--backend", "--precision", "--top-k"]),
+    "evaluate": (["RUN"], ["--device", "--backend", "--precision"]),
+    "serve": (["RUN"], ["--device", "--backend", "--precision", "--top-k"]),
+    "explain": (["RUN", "x.png"], ["--device", "--top-k"]),
+    "bench": ([], ["--device", "--backend", "--precision"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(INFERENCE_COMMANDS))
+def test_every_inference_command_checks_its_options_at_the_door(command, capsys):
+    from reslab.cli import build_parser
+
+    parser = build_parser()
+    positional, offered = INFERENCE_COMMANDS[command]
+    base = [command, *positional]
+    defaults = vars(parser.parse_args(base))
+    assert defaults["device"] == "cpu" and defaults.get("backend", "auto") == "auto"
+    assert defaults.get("precision", "auto") == "auto" and defaults.get("top_k", 5) == 5
+    bad = {"--device": ("tpu", "unknown device type 'tpu'"),
+           "--backend": ("tensorrt", "invalid choice: 'tensorrt' (choose from 'auto', 'torch', 'onnxruntime', "
+                                     "'openvino')"),
+           "--precision": ("fp16", "invalid choice: 'fp16' (choose from 'fp32', 'bf16', 'auto')"),
+           "--top-k": ("0", "top-k must be an integer of at least 1, got 0")}
+    for flag in offered:
+        value, words = bad[flag]
+        with pytest.raises(SystemExit) as exit:
+            parser.parse_args([*base, flag, value])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"argument {flag}: " in err and words in err, err
+    if "--top-k" in offered:
+        assert parser.parse_args([*base, "--top-k", "3"]).top_k == 3
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--top-k", "three"])
+        assert "invalid int value: 'three'" in capsys.readouterr().err
+
+
+def test_building_the_parser_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from reslab.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_library_callers_are_checked_by_the_predictor(checkpoint):
+    with pytest.raises(ReslabError, match="top-k must be an integer of at least 1, got 0"):
+        Predictor(checkpoint, top_k=0)
+    with pytest.raises(ReslabError, match="unknown device type 'tpu'"):
+        Predictor(checkpoint, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ReslabError, match="no CUDA device"):
+            Predictor(checkpoint, device="cuda:5")
+    with pytest.raises(ReslabError, match="backend must be one of"):
+        Predictor(checkpoint, backend="tensorrt")
+    predictor = Predictor(checkpoint, backend="torch", top_k=2)
+    images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    assert [len(row) for row in predictor.top(predictor.probabilities(images))] == [2, 2]
+    assert [len(row) for row in predictor.top(predictor.probabilities(images), 9)] == [3, 3]  # 3 classes
+    with pytest.raises(ReslabError, match="got -1"):
+        predictor.top(predictor.probabilities(images), -1)

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from reslab.errors import ReslabError
+
 pytest.importorskip("fastapi")
 pytest.importorskip("python_multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from reslab.infer import Predictor  # noqa: E402
-from reslab.serve import ServeConfig, UploadError, create_app, parse_multipart_file  # noqa: E402
+from reslab.inference import Predictor  # noqa: E402
+from reslab.serve import DEFAULT_MAX_QUEUE, ServeConfig, UploadError, create_app, parse_multipart_file  # noqa: E402
 from test_explain import toy_checkpoint  # noqa: E402
 
 
@@ -45,7 +47,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def export_cache(tmp_path_factory):
     """The fast backends export the model on start-up; keep those files out of ~/.cache."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESLAB_DATA", str(tmp_path_factory.mktemp("reslab-data")))
+        mp.setenv("RESLAB_CACHE", str(tmp_path_factory.mktemp("reslab-data")))
         yield
 
 
@@ -67,10 +69,11 @@ def post(client, route, data: bytes, name="x.png", field="file", **params):
 def test_health_page_and_docs(client):
     health = client.get("/health")
     assert health.status_code == 200
-    from reslab.infer import resolve_backend
+    from reslab.inference import resolve_backend
 
     assert health.json() == {"status": "ok", "model": "resnet20", "classes": 2, "image_size": 16,
-                             "layer": "layer3", "max_upload_mb": 4.0, "backend": resolve_backend("auto")}
+                             "layer": "layer3", "max_upload_mb": 4.0, "max_queue": DEFAULT_MAX_QUEUE,
+                             "backend": resolve_backend("auto")}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file"' in page.text and "/predict" in page.text and "/explain" in page.text
@@ -179,11 +182,11 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
 
 
 def test_concurrent_requests_share_one_model(checkpoint, monkeypatch):
-    import reslab.infer
+    from reslab.inference import predictor
 
     loads = []
-    real = reslab.infer.load_model
-    monkeypatch.setattr(reslab.infer, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = predictor.load_model
+    monkeypatch.setattr(predictor, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
     with TestClient(create_app(checkpoint)) as client:
         images = [image_bytes(seed=i) for i in range(4)]
         expected = [post(client, "/predict", data).json()["predictions"] for data in images]
@@ -200,6 +203,55 @@ def test_concurrent_requests_share_one_model(checkpoint, monkeypatch):
         if i % 5:
             assert response.json()["predictions"] == expected[i % 4]
     assert len(loads) == 1
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers(checkpoint):
+    from reslab.serve import RETRY_AFTER_S
+
+    predictor = Predictor(checkpoint, backend="torch")
+    with TestClient(create_app(predictor, ServeConfig(max_queue=2))) as client:
+        service = client.app.state.service
+        release = threading.Event()
+        real = predictor.probabilities
+
+        def blocked(batch):  # a model that takes as long as the test says
+            release.wait(60)
+            return real(batch)
+
+        predictor.probabilities = blocked
+        data = image_bytes()
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(post, client, "/predict", data) for _ in range(2)]
+            deadline = time.monotonic() + 60
+            while service.waiting < 2:
+                assert time.monotonic() < deadline, "the two requests never reached the model"
+                time.sleep(0.01)
+            with ThreadPoolExecutor(4) as burst:
+                refused = list(burst.map(lambda route: post(client, route, data), ["/predict"] * 3 + ["/explain"]))
+            release.set()
+            served = [f.result() for f in waiting]
+        for response in refused:
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == str(RETRY_AFTER_S)
+            assert response.headers["content-type"] == "application/json"
+            assert "busy" in response.json()["error"] and "--max-queue 2" in response.json()["error"]
+        assert [r.status_code for r in served] == [200, 200]
+        del predictor.probabilities  # the load is gone: every request is served again
+        assert service.waiting == 0
+        assert [post(client, "/predict", data).status_code for _ in range(4)] == [200] * 4
+        assert post(client, "/explain", data).status_code == 200
+
+
+def test_max_queue_is_checked_and_its_help_tells_the_default(capsys):
+    from reslab.cli import build_parser, main
+
+    with pytest.raises(ReslabError, match="--max-queue must be at least 1, got 0"):
+        ServeConfig(max_queue=0)
+    assert main(["serve", "nowhere", "--max-queue", "0"]) == 2
+    assert "--max-queue must be at least 1, got 0" in capsys.readouterr().err
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    (action,) = [a for a in serve._actions if "--max-queue" in a.option_strings]
+    assert f"(default {DEFAULT_MAX_QUEUE})" in action.help
 
 
 def free_port() -> int:

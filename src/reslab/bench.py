@@ -51,6 +51,7 @@ class BenchConfig:
 
     def resolve(self) -> BenchConfig:
         from reslab.hardware import resolve_precision
+        from reslab.inference.backends import resolve_backend
         from reslab.models import get_model_spec
 
         cfg = dataclasses.replace(self)
@@ -76,16 +77,21 @@ class BenchConfig:
             raise ReslabError(f"--threads must be at least 1, got {cfg.threads}")
         if cfg.textbook:
             cfg.precision, cfg.backend, cfg.compile, cfg.channels_last = "fp32", "torch", False, False
-        cfg.precision = resolve_precision(cfg.precision, cfg.device)
+        device = cfg.torch_device
+        cfg.precision = resolve_precision(cfg.precision, device)
         if cfg.mode == "train":
             if cfg.backend not in ("auto", "torch"):
                 raise ReslabError(f"training runs on torch only; --backend {cfg.backend} is for --mode infer")
             cfg.backend = "torch"
         else:
-            from reslab.infer import resolve_backend
-
-            cfg.backend = resolve_backend(cfg.backend, cfg.device)
+            cfg.backend = resolve_backend(cfg.backend, device)
         return cfg
+
+    @property
+    def torch_device(self) -> torch.device:
+        from reslab.hardware import check_device
+
+        return check_device(self.device)
 
 
 def time_steps(step: Callable[[], object], warmup: int, seconds: float, sync: Callable[[], None]) -> list[float]:
@@ -124,7 +130,7 @@ def _meta(cfg: BenchConfig):
 
 def infer_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> tuple[Callable[[], object], dict]:
     """The forward pass to time and what it actually ran with (backend, layout, precision)."""
-    device = torch.device(cfg.device)
+    device = cfg.torch_device
     if cfg.textbook:
         model = model.to(device).eval()
         x = x.to(device)
@@ -134,7 +140,7 @@ def infer_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> tuple[Cal
                 return model(x)
 
         return textbook, {"channels_last": False, "bn_folded": False}
-    from reslab.infer import Predictor
+    from reslab.inference.predictor import Predictor
 
     predictor = Predictor.from_model(model, _meta(cfg), cfg.device, backend=cfg.backend, precision=cfg.precision,
                                      compile=cfg.compile, channels_last=cfg.channels_last)
@@ -167,7 +173,7 @@ def train_step(cfg: BenchConfig, model: nn.Module) -> tuple[Callable[[], object]
     from reslab.train.config import TrainConfig
     from reslab.train.loop import build_optimizer, make_step
 
-    device = torch.device(cfg.device)
+    device = cfg.torch_device
     if cfg.textbook:
         return textbook_train_step(cfg, model)
     channels_last = cfg.channels_last if cfg.channels_last is not None else train_channels_last(
@@ -197,7 +203,7 @@ def textbook_train_step(cfg: BenchConfig, model: nn.Module) -> tuple[Callable[[]
     flip, fp32 NCHW eager, SGD, and `loss.item()` / accuracy `.item()` every step."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    device = torch.device(cfg.device)
+    device = cfg.torch_device
     split = _synthetic_split(cfg)
     pad = 4 if _augment_policy(cfg) == "cifar" else 0
     size = cfg.image_size
@@ -263,7 +269,7 @@ def run_bench(config: BenchConfig) -> dict:
         else:
             step, settings = train_step(cfg, model)
         start = time.perf_counter()
-        times = time_steps(step, cfg.warmup, cfg.seconds, _sync(torch.device(cfg.device)))
+        times = time_steps(step, cfg.warmup, cfg.seconds, _sync(cfg.torch_device))
         total = sum(times)
         warmup_seconds = time.perf_counter() - start - total
     finally:
@@ -305,7 +311,7 @@ def label(cfg: BenchConfig) -> str:
 def peers(config: BenchConfig) -> list[BenchConfig]:
     """What `--compare` runs: the textbook loop first (the ratios' base), then reslab's path as asked,
     then (inference) every installed exported runtime in fp32 and OpenVINO at the hardware's precision."""
-    from reslab.infer import installed_backends
+    from reslab.inference.backends import installed_backends
 
     rows = [dataclasses.replace(config, textbook=True), config]
     if config.mode == "infer":

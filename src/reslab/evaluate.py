@@ -1,7 +1,7 @@
 """Evaluation: a checkpoint on a data split -> top-1, top-5, per-class precision/recall, figures.
 
 The data is re-read with the checkpoint's own preprocessing (image size, channels, mean/std), and
-through `reslab.infer.Predictor`, the same door `reslab predict` uses, so the two agree.
+through `reslab.inference.Predictor`, the same door `reslab predict` uses, so the two agree.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str |
              backend: str = "auto", precision: str = "auto") -> dict:
     """Evaluate a run directory or reslab weights file; writes eval.json, confusion.png, samples.png."""
     from reslab import plots
-    from reslab.infer import Predictor
+    from reslab.inference.predictor import Predictor
 
     checkpoint = resolve(source)
     predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from reslab.errors import ReslabError
-from reslab.infer import Predictor
+from reslab.inference.predictor import Predictor
 
 # The backdrop of an overlay is the crop the network saw, redrawn from the full-resolution image at
 # this size at least: a CIFAR model's 32x32 input is too small to look at.
@@ -137,8 +137,9 @@ class Explainer:
             raise ReslabError(f"unknown class {name!r}; this model's classes are: {shown}")
         return classes.index(name)
 
-    def explain(self, image, class_name: str | None = None, top_k: int = 5) -> Explanation:
-        """Explain one image (path or PIL image) for `class_name` or, by default, the top class."""
+    def explain(self, image, class_name: str | None = None, top_k: int | None = None) -> Explanation:
+        """Explain one image (path or PIL image) for `class_name` or, by default, the top class;
+        `top_k` probabilities beside it (None: the Predictor's own top-k)."""
         from reslab.data import preprocess_image
 
         target = self.class_index(class_name)
@@ -151,14 +152,12 @@ class Explainer:
         with self.lock:
             heatmap, logits, index = grad_cam(self.model, x, self.layer, target)
         probs = torch.softmax(logits, dim=0)
-        values, indices = probs.topk(min(top_k, len(probs)))
-        classes = self.predictor.classes
         return Explanation(
             image=display.permute(1, 2, 0).numpy(),
             heatmap=heatmap.cpu().numpy(),
-            class_name=classes[index],
+            class_name=self.predictor.classes[index],
             class_index=index,
             probability=float(probs[index]),
-            top_k=[(classes[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())],
+            top_k=self.predictor.top(probs[None], top_k)[0],
             layer=self.layer,
         )

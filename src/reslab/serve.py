@@ -2,9 +2,11 @@
 
 One `Predictor` is loaded (and its fast path built and warmed) when the server starts, and is
 shared by every request. Requests are decoded and preprocessed in worker threads, in parallel;
-predictions run on the Predictor's fast backend one call at a time, because one call's intra-op
-threads already use every core; Grad-CAM runs on the eager model (it needs gradients) under its
-own lock, since its hook is attached to that shared model.
+every forward pass (predictions on the Predictor's fast backend, Grad-CAM on its eager model)
+runs on one model thread, one call at a time, because one call's intra-op threads already use
+every core. At most `max_queue` requests wait for that thread; the next one is answered 503 with
+a Retry-After header at once, before its upload is read, so a burst of clients costs neither
+memory nor a queue that only grows: the waiting ones are served within a bounded time.
 
 Uploads are untrusted: the body is read as a stream and refused once it passes the size limit,
 parsed in memory (FastAPI's own form parser spools files over 1 MB to a temporary file, and
@@ -15,10 +17,12 @@ before any pixel is decoded, so a decompression bomb costs nothing.
 time, and `Request` is imported inside `create_app` so that the extra stays optional.)
 """
 
+import contextlib
 import io
 import ipaddress
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 
@@ -27,11 +31,16 @@ from PIL import Image, UnidentifiedImageError
 
 from reslab.errors import ReslabError
 from reslab.explain import Explainer
-from reslab.infer import Predictor
+from reslab.inference.predictor import Predictor
 
 # Room for the multipart boundaries and part headers around the file itself.
 _MULTIPART_SLACK = 64 * 1024
 _FORMATS = "JPEG, PNG, BMP, GIF, WebP or TIFF"
+# Requests waiting for the model thread: enough to keep it busy while others decode (the worker
+# pool decodes in parallel), few enough that the last one waits a few dozen forward passes, not
+# seconds on end. Beyond it a client is told to come back after RETRY_AFTER_S.
+DEFAULT_MAX_QUEUE = 32
+RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -41,10 +50,14 @@ class ServeConfig:
     max_upload_mb: float = 10.0
     # Below PIL's own bomb limit (89 MP warns, 179 MP raises): a 40 MP photo still passes.
     max_pixels: int = 64_000_000
-    top_k: int = 5
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for the model; more get 503
     layer: str | None = None  # Grad-CAM layer; None: the model's last stage
-    backend: str = "auto"  # reslab.infer backends: the fastest installed one by default
+    # The Predictor's options when create_app loads one (its constructor checks them); a ready
+    # Predictor given to create_app brings its own.
+    device: str = "cpu"
+    backend: str = "auto"  # the fastest installed one by default
     precision: str = "auto"
+    top_k: int = 5  # /predict's default; a request may ask for another with ?top_k=
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -53,8 +66,8 @@ class ServeConfig:
             raise ReslabError(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
         if self.max_pixels < 1:
             raise ReslabError(f"max_pixels must be positive, got {self.max_pixels}")
-        if self.top_k < 1:
-            raise ReslabError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.max_queue < 1:
+            raise ReslabError(f"--max-queue must be at least 1, got {self.max_queue}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -62,12 +75,13 @@ class ServeConfig:
 
 
 class UploadError(Exception):
-    """A request the server refuses: an HTTP status and a one-line reason for the client."""
+    """A request the server refuses: an HTTP status, a one-line reason for the client, any headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def is_loopback(host: str) -> bool:
@@ -140,18 +154,41 @@ class Service:
     def __init__(self, predictor: Predictor, config: ServeConfig | None = None):
         self.predictor = predictor
         self.config = config or ServeConfig()
-        self.lock = threading.Lock()
+        # One thread for every forward pass. Besides taking turns, which they must anyway, this keeps
+        # the per-thread state of the runtimes (an OpenMP thread team and its buffers for each thread
+        # that runs a parallel op) to one thread, rather than one per request thread, kept for good.
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="reslab-model")
+        self.waiting = 0  # requests admitted and not answered yet
+        self._waiting_lock = threading.Lock()
         # An exported (.onnx/.xml) model has no eager model to take gradients of: predictions only.
         self.explainer = Explainer(predictor, self.config.layer) if predictor.model is not None else None
         self.model_name = predictor.meta.model
         self.warm_up()
 
+    def on_model_thread(self, fn, *args):
+        """fn(*args), run on the model thread; the caller waits for it."""
+        return self.model_thread.submit(fn, *args).result()
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """A place among the requests waiting for the model, or 503 when all `max_queue` are taken."""
+        with self._waiting_lock:
+            if self.waiting >= self.config.max_queue:
+                raise UploadError(503, f"the server is busy: the queue for the model is full (--max-queue "
+                                       f"{self.config.max_queue}); retry in {RETRY_AFTER_S} s",
+                                  headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self._waiting_lock:
+                self.waiting -= 1
+
     def warm_up(self) -> None:
         """Build the fast path (export, compile...) now, so that the first request is not the slow one."""
         pre = self.predictor.preprocessing
         size, channels = int(pre.get("image_size", 224)), int(pre.get("in_channels", 3))
-        with self.lock:
-            self.predictor.probabilities(torch.zeros(1, channels, size, size, dtype=torch.uint8))
+        self.on_model_thread(self.predictor.probabilities, torch.zeros(1, channels, size, size, dtype=torch.uint8))
 
     def open_image(self, data: bytes, filename: str) -> Image.Image:
         if not data:
@@ -182,15 +219,10 @@ class Service:
     def predict(self, data: bytes, filename: str, top_k: int | None = None) -> dict:
         start = time.perf_counter()
         batch = self._batch(data, filename)
-        with self.lock:
-            probs = self.predictor.probabilities(batch)[0]
-        k = min(top_k or self.config.top_k, len(probs))
-        values, indices = probs.topk(k)
-        classes = self.predictor.classes
+        probs = self.on_model_thread(self.predictor.probabilities, batch)
+        (top,) = self.predictor.top(probs, top_k)
         return {
-            "predictions": [
-                {"class": classes[i], "probability": float(p)} for p, i in zip(values.tolist(), indices.tolist())
-            ],
+            "predictions": [{"class": name, "probability": p} for name, p in top],
             "model": self.model_name,
             "ms": round((time.perf_counter() - start) * 1000.0, 3),
         }
@@ -203,7 +235,7 @@ class Service:
         image = self.open_image(data, filename)
         self.explainer.class_index(class_name)  # an unknown class is the client's error, before decoding
         try:
-            explanation = self.explainer.explain(image, class_name, top_k=self.config.top_k)
+            explanation = self.on_model_thread(self.explainer.explain, image, class_name)
         except ReslabError:
             raise UploadError(
                 400, f"cannot decode {filename!r}: the file is truncated or corrupt; send a complete {_FORMATS} file"
@@ -223,6 +255,7 @@ class Service:
             "layer": self.explainer.layer if self.explainer else None,
             "backend": self.predictor.backend,
             "max_upload_mb": self.config.max_upload_mb,
+            "max_queue": self.config.max_queue,
         }
 
 
@@ -241,7 +274,9 @@ _UPLOAD_BODY = {
     }
 }
 _ERROR = {"content": {"application/json": {"example": {"error": "'x.txt' is not an image; send a JPEG..."}}}}
-_ERRORS = {400: _ERROR, 413: _ERROR, 415: _ERROR, 422: _ERROR}
+_BUSY = {"description": "more than --max-queue requests are waiting; retry after the Retry-After seconds",
+         "headers": {"Retry-After": {"schema": {"type": "integer"}}}, **_ERROR}
+_ERRORS = {400: _ERROR, 413: _ERROR, 415: _ERROR, 422: _ERROR, 503: _BUSY}
 
 
 def _require_extra() -> None:
@@ -265,7 +300,7 @@ def create_app(source, config: ServeConfig | None = None):
 
     config = config or ServeConfig()
     predictor = source if isinstance(source, Predictor) else Predictor(
-        source, backend=config.backend, precision=config.precision)
+        source, device=config.device, backend=config.backend, precision=config.precision, top_k=config.top_k)
     service = Service(predictor, config)
     app = FastAPI(
         title="reslab",
@@ -277,7 +312,7 @@ def create_app(source, config: ServeConfig | None = None):
 
     @app.exception_handler(UploadError)
     async def upload_error(_request, err: UploadError):
-        return JSONResponse({"error": err.message}, status_code=err.status)
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(ReslabError)
     async def reslab_error(_request, err: ReslabError):
@@ -321,16 +356,18 @@ def create_app(source, config: ServeConfig | None = None):
               responses={200: {"content": {"application/json": {"example": {
                   "predictions": [{"class": "cat", "probability": 0.93}], "model": "resnet20", "ms": 3.1}}}},
                   **_ERRORS})
-    async def predict(request: Request, top_k: int = Query(config.top_k, ge=1, le=1000)):
-        filename, data = await upload(request)
-        return await run_in_threadpool(service.predict, data, filename, top_k)
+    async def predict(request: Request, top_k: int = Query(predictor.top_k, ge=1, le=1000)):
+        with service.admitted():
+            filename, data = await upload(request)
+            return await run_in_threadpool(service.predict, data, filename, top_k)
 
     @app.post("/explain", summary="Grad-CAM overlay (PNG) for the top class or ?class=NAME",
               openapi_extra=_UPLOAD_BODY, response_class=Response,
               responses={200: {"content": {"image/png": {}}}, **_ERRORS})
     async def explain(request: Request, class_name: str | None = Query(None, alias="class")):
-        filename, data = await upload(request)
-        png, info = await run_in_threadpool(service.explain, data, filename, class_name)
+        with service.admitted():
+            filename, data = await upload(request)
+            png, info = await run_in_threadpool(service.explain, data, filename, class_name)
         # Class names may be any text; headers must be latin-1, so they are percent-encoded.
         from urllib.parse import quote
 

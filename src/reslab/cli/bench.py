@@ -5,21 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
+from reslab.cli.options import add_inference_options
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="resnet20", help="a registered model (default resnet20)")
     parser.add_argument("--mode", default="train", choices=["train", "infer"], help="train (default) or infer")
     parser.add_argument("--batch-size", type=int, help="default 128 for train, 32 for infer")
     parser.add_argument("--image-size", type=int, help="default: the family's native input (32 CIFAR, 224 ImageNet)")
-    parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native; default)")
-    parser.add_argument("--backend", default="auto", help="auto (fastest installed), torch, onnxruntime, openvino")
+    add_inference_options(parser, "precision", "backend")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (torch backend)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="memory format (default: what is faster on this hardware)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (default 3)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the timed window (default 5)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda ...")
+    add_inference_options(parser, "device")
     parser.add_argument("--compare", action="store_true",
                         help="also run the peers (textbook fp32 NCHW eager torch, ONNX Runtime, OpenVINO) on the "
                              "same input and print ratios")

@@ -5,17 +5,17 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from reslab.cli.options import add_inference_options
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("source", metavar="RUN_OR_CKPT", help="a run directory (its best weights) or a weights file")
+    add_inference_options(parser, "source")
     parser.add_argument("--data", help="data to evaluate on (default: the checkpoint's training data)")
     parser.add_argument("--split", help="test or val (default: test where there is one)")
     parser.add_argument("--out", help="folder for eval.json and the figures (default RUN/eval-<data>/)")
     parser.add_argument("--data-dir", help="cache folder for downloads and decoded folders")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda ...")
+    add_inference_options(parser, "device", "backend", "precision")
     parser.add_argument("--json", action="store_true", help="print eval.json instead of a table")
-    parser.add_argument("--backend", default="auto", help="auto (fastest installed), torch, onnxruntime, openvino")
-    parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native; default)")
 
 
 def run(args) -> int:

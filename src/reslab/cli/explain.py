@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reslab.cli.options import add_inference_options
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("source", metavar="RUN_OR_CKPT", help="run directory or reslab weights file")
+    add_inference_options(parser, "checkpoint")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     parser.add_argument("--layer", default=None,
                         help="module whose feature maps are explained (default: the last stage)")
     parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                         help="explain this class instead of the predicted one")
-    parser.add_argument("--top-k", type=int, default=5, help="probabilities shown beside the overlay (default 5)")
+    add_inference_options(parser, "top_k", "device", top_k="probabilities shown beside the overlay (default 5)")
     parser.add_argument("--out", default="explain", help="folder for the PNG files (default ./explain)")
 
 
@@ -23,14 +25,12 @@ def run(args) -> int:
     from reslab import plots
     from reslab.errors import ReslabError
     from reslab.explain import Explainer
-    from reslab.infer import Predictor
+    from reslab.inference.predictor import Predictor
 
-    if args.top_k < 1:
-        raise ReslabError(f"--top-k must be at least 1, got {args.top_k}")
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise ReslabError(f"image not found: {missing[0]}; give the path of an existing image file")
-    explainer = Explainer(Predictor(args.source), args.layer)
+    explainer = Explainer(Predictor(args.source, device=args.device, top_k=args.top_k), args.layer)
     explainer.class_index(args.class_name)  # an unknown --class fails before any work
     out = Path(args.out)
     table = Table(title=f"Grad-CAM of {explainer.predictor.meta.model}, layer {explainer.layer}")
@@ -39,7 +39,7 @@ def run(args) -> int:
     table.add_column("figure", overflow="fold")
     used: set[str] = set()
     for image in args.images:
-        result = explainer.explain(image, args.class_name, top_k=args.top_k)
+        result = explainer.explain(image, args.class_name)
         stem, n = Path(image).stem, 1
         name = f"{stem}-gradcam.png"
         while name in used:  # two images called cat.jpg in different folders

@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from reslab.export import TOLERANCE, export
+    from reslab.inference.export import TOLERANCE, export
 
     result = export(args.source, args.format, args.out, opset=args.opset)
     print(f"wrote {result.path} ({result.format}, dynamic batch, BatchNorm folded)")

@@ -28,8 +28,10 @@ from reslab.transfer.sources import Loaded, is_url, read_source, split_url
 __all__ = [
     "FREEZE_POINTS",
     "Loaded",
+    "classifier_name",
     "freeze",
     "load_pretrained",
+    "load_state_checked",
     "map_keys",
     "match_state",
     "model_options_for",
@@ -89,17 +91,26 @@ def _mismatch_table(rows: list[tuple[str, str, str, str]]) -> tuple[str, str]:
     return summary, "\n".join(lines)
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The module name of the model's classifier: `fc` for ResNets and torchvision's Inception nets,
+    timm's `last_linear` (Inception-v4) or `classif` (Inception-ResNet-v2)."""
+    model = unwrap(model)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return next((name for name, m in model.named_modules() if head is not None and m is head), "fc")
+
+
 def match_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
                 model_name: str | None = None) -> tuple[dict, str]:
     """The state dict to load strictly, and what happens to the head.
 
-    The classifier (`fc`) is loaded when its shape fits, else left to the model's fresh one; every
+    The classifier is loaded when its shape fits, else left to the model's fresh one; every
     other tensor must match by name and shape (BatchNorm's `num_batches_tracked` counters aside,
     which old checkpoints lack), else a ReslabError shows the mismatches.
     """
     model = unwrap(model)
+    head = classifier_name(model) + "."
     expected = model.state_dict()
-    body = {k: v for k, v in expected.items() if not k.startswith("fc.")}
+    body = {k: v for k, v in expected.items() if not k.startswith(head)}
     rows = []
     for key, tensor in body.items():
         if key not in state:
@@ -107,13 +118,13 @@ def match_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
                 rows.append(("missing", key, _shape(tensor), "-"))
         elif state[key].shape != tensor.shape:
             rows.append(("shape", key, _shape(tensor), _shape(state[key])))
-    head_keys = [k for k in state if k.startswith("fc.")]
+    head_keys = [k for k in state if k.startswith(head)]
     rows += [("unexpected", k, "-", _shape(state[k])) for k in state if k not in body and k not in head_keys]
 
-    src_w = state.get("fc.weight")
-    new_classes = getattr(model, "num_classes", expected["fc.weight"].shape[0] if "fc.weight" in expected else 0)
+    src_w = state.get(f"{head}weight")
+    new_classes = getattr(model, "num_classes", expected[f"{head}weight"].shape[0] if f"{head}weight" in expected else 0)
     if src_w is not None and src_w.dim() == 2 and src_w.shape[1] != getattr(model, "num_features", src_w.shape[1]):
-        rows.append(("shape", "fc.weight", f"{new_classes}x{model.num_features}", _shape(src_w)))
+        rows.append(("shape", f"{head}weight", f"{new_classes}x{model.num_features}", _shape(src_w)))
     if rows:
         summary, table = _mismatch_table(rows)
         raise ReslabError(
@@ -124,15 +135,27 @@ def match_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     for key in body:  # counters absent from old checkpoints keep the model's value
         out.setdefault(key, body[key])
     if src_w is None:
-        head = "new (the checkpoint has no classifier)"
+        what = "new (the checkpoint has no classifier)"
     elif new_classes == 0:
-        head = f"dropped (checkpoint has {src_w.shape[0]} classes; the model returns pooled features)"
-    elif tuple(src_w.shape) == tuple(expected["fc.weight"].shape) and "fc.bias" in state:
+        what = f"dropped (checkpoint has {src_w.shape[0]} classes; the model returns pooled features)"
+    elif tuple(src_w.shape) == tuple(expected[f"{head}weight"].shape) and f"{head}bias" in state:
         out.update({k: state[k] for k in head_keys})
-        head = "loaded"
+        what = "loaded"
     else:
-        head = f"replaced ({src_w.shape[0]} -> {new_classes} classes)"
-    return out, head
+        what = f"replaced ({src_w.shape[0]} -> {new_classes} classes)"
+    return out, what
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                       model_name: str) -> tuple[str, int]:
+    """Load `state` into `model` strictly except for the head (see match_state); returns the head's
+    fate and how many tensors were loaded."""
+    target = unwrap(model)
+    to_load, head = match_state(target, state, source, model_name)
+    if head.startswith("replaced"):
+        target.reset_classifier(target.num_classes)  # fresh, in case the model's head was touched
+    target.load_state_dict(to_load, strict=False)  # strict by construction: match_state checked it
+    return head, len(to_load)
 
 
 def model_options_for(source: str, model_name: str | None = None) -> dict:
@@ -196,10 +219,7 @@ def load_pretrained(model: nn.Module, source: str, *, model_name: str, sha256: s
                               f"bottleneck; create the model with create_model({model_name!r}, stride_in_1x1=True) "
                               "(reslab train does this itself)")
     state, renamed = map_keys(loaded.state, set(target.state_dict()))
-    to_load, head = match_state(target, state, label, model_name)
-    if head.startswith("replaced"):
-        target.reset_classifier(target.num_classes)  # fresh, in case the model's head was touched
-    target.load_state_dict(to_load, strict=False)  # strict by construction: match_state checked it
+    head, loaded_count = load_state_checked(target, state, label, model_name)
     report = {
         "source": str(source),
         "kind": "url" if loaded.url else loaded.kind,
@@ -207,13 +227,13 @@ def load_pretrained(model: nn.Module, source: str, *, model_name: str, sha256: s
         "sha256": loaded.sha256,
         "renamed": renamed,
         "head": head,
-        "tensors": len(to_load),
+        "tensors": loaded_count,
     }
     if loaded.url:
         report["format"] = loaded.kind
     report.update(loaded.info)
     if not quiet:
-        msg = f"pretrained: {len(to_load)} tensors from {label} ({report['kind']}); head {head}"
+        msg = f"pretrained: {loaded_count} tensors from {label} ({report['kind']}); head {head}"
         if renamed:
             msg += "; renamed " + ", ".join(f"{old!r} -> {new!r}" for old, new in renamed.items())
         print(msg)

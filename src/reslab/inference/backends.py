@@ -1,0 +1,161 @@
+"""Where a forward pass runs: the installed backends, the choice among them, and one runner each.
+
+- `torch`: BatchNorm folded into the convolutions (reslab.inference.fold), channels_last where it
+  pays, bf16 where the hardware multiplies it natively, optionally `torch.compile`d.
+- `onnxruntime` / `openvino`: the same BN-folded fp32 graph exported by reslab.inference.export.
+  Both are optional extras.
+
+A runner is a callable from a normalized float batch to float32 logits. The preference orders and
+the channels_last defaults are decided from the measurements in benchmarks/RESULTS.md (Speed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+from reslab.hardware import bf16_is_fast
+from reslab.inference.fold import fold_batchnorm
+
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+# Fastest first on a CPU without native bf16, and on one with AMX/AVX512-BF16, where OpenVINO runs
+# bf16 (benchmarks/RESULTS.md, Speed); on a GPU only torch runs.
+CPU_PREFERENCE = ("onnxruntime", "openvino", "torch")
+CPU_BF16_PREFERENCE = ("openvino", "onnxruntime", "torch")
+# The Python packages each optional backend needs, and the extra that installs them.
+_REQUIRES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
+_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def installed_backends() -> list[str]:
+    """The backends this environment can run: torch always, the others where their extra is installed."""
+    return ["torch"] + [b for b, mods in _REQUIRES.items() if all(importlib.util.find_spec(m) for m in mods)]
+
+
+def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
+    """A concrete backend for `device` (one already checked): `auto` takes the fastest installed one there."""
+    if backend not in BACKENDS:
+        raise ReslabError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    on_cpu = str(device).partition(":")[0] == "cpu"
+    installed = installed_backends()
+    if backend == "auto":
+        if not on_cpu:
+            return "torch"
+        preference = CPU_BF16_PREFERENCE if bf16_is_fast("cpu") else CPU_PREFERENCE
+        return next(b for b in preference if b in installed)
+    if backend not in installed:
+        raise ReslabError(f"backend {backend!r} is not installed; `pip install reslab[{_EXTRA[backend]}]` "
+                          "or use --backend torch")
+    if backend != "torch" and not on_cpu:
+        raise ReslabError(f"backend {backend!r} runs on the CPU only, got device {str(device)!r}; use --backend torch")
+    return backend
+
+
+def default_channels_last(model_name: str, precision: str, device: torch.device) -> bool:
+    """channels_last where it measured faster: GPUs, bf16, and the wide ImageNet-family nets.
+
+    On the 2-core AVX2 CPU fp32 channels_last sped ResNet-50 up and slowed the narrow CIFAR
+    ResNet-20 down (benchmarks/RESULTS.md, Speed: notes), so the family decides.
+    """
+    if device.type == "cuda" or precision == "bf16":
+        return True
+    from reslab.models import get_model_spec
+
+    try:
+        return get_model_spec(model_name).family == "imagenet"
+    except ReslabError:
+        return False
+
+
+class TorchRunner:
+    """The eager or compiled PyTorch forward pass of the BN-folded model."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device, precision: str, channels_last: bool,
+                 compile: bool = False):
+        self.device, self.precision, self.channels_last = device, precision, channels_last
+        folded = fold_batchnorm(model).to(device)
+        for p in folded.parameters():
+            p.requires_grad_(False)
+        if precision == "bf16":
+            # bf16 weights once, rather than autocast re-casting every weight on every call.
+            folded = folded.to(torch.bfloat16)
+        if channels_last:
+            folded = folded.to(memory_format=torch.channels_last)
+        self.module = folded
+        self.forward = torch.compile(folded, dynamic=False) if compile else folded
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = x.to(self.device, torch.bfloat16 if self.precision == "bf16" else torch.float32)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.forward(x).float()
+
+
+class OnnxRuntimeRunner:
+    """An ONNX Runtime CPU session on an exported graph (fp32 only: ORT has no bf16 CPU kernels)."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})
+        return torch.from_numpy(logits)
+
+
+class OpenVinoRunner:
+    """An OpenVINO CPU compiled model; bf16 by INFERENCE_PRECISION_HINT (honoured only where the CPU
+    has native bf16: on AVX2 OpenVINO reports and runs f32 whatever the hint)."""
+
+    def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int | None = None,
+                 hint: str = "LATENCY"):
+        import openvino as ov
+
+        config = {
+            "PERFORMANCE_HINT": hint,
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        }
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()  # one infer request: callers on several threads take turns
+
+    @property
+    def inference_precision(self) -> str:
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16"
+        return value.to_string() if hasattr(value, "to_string") else str(value)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().float().cpu().contiguous().numpy()
+        with self.lock:
+            result = self.request.infer({0: array})
+            return torch.from_numpy(result[self.compiled.output(0)].copy())
+
+
+def make_runner(backend: str, *, model: nn.Module | None, model_name: str, device: torch.device, precision: str,
+                channels_last: bool | None, compile: bool, exported: Callable[[str], Path]):
+    """The forward pass for a concrete backend; `exported(fmt)` gives an exported file on demand.
+
+    (int8 will be one more case here: an ONNX Runtime session on the statically quantized graph.)
+    """
+    if backend == "torch":
+        if channels_last is None:
+            channels_last = default_channels_last(model_name, precision, device)
+        return TorchRunner(model, device=device, precision=precision, channels_last=channels_last, compile=compile)
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(exported("onnx"))
+    return OpenVinoRunner(exported("openvino"), precision=precision)
