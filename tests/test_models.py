@@ -27,7 +27,11 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", list_models())
+# The Inception family has its own file (tests/test_inception.py): other sizes, aux heads, reference.
+RESNETS = list_models("imagenet") + list_models("cifar")
+
+
+@pytest.mark.parametrize("name", RESNETS)
 def test_forward_backward_over_registry(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=7)

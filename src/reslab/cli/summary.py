@@ -1,4 +1,5 @@
-"""`reslab summary MODEL`: a Keras-style layer table in which every residual add is a row."""
+"""`reslab summary MODEL`: a Keras-style layer table in which every residual add and every branch
+concatenation of an inception module is a row."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from reslab.errors import ReslabError
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="a registered model name (see `reslab models`)")
     parser.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
-                        help="input shape without the batch (default: 3 x the family's native size)")
-    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: 1000 ImageNet, 10 CIFAR)")
+                        help="input shape without the batch (default: 3 x the model's native size)")
+    parser.add_argument("--num-classes", type=int,
+                        help="classifier outputs (default: 1000 ImageNet-sized nets, 10 for 32 px nets)")
     parser.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (paper section 3.3)")
     parser.add_argument("--stride-in-1x1", action="store_true",
                         help="original paper / Keras placement of the bottleneck stride")
@@ -62,6 +64,9 @@ def run(args) -> int:
         if r.kind == "ResidualAdd":
             # The add is the point of the whole architecture: make each one stand out.
             table.add_row(f"[bold green]{r.name}[/]", "[bold green](+) residual add[/]", shape, "0", "")
+        elif r.kind == "Concat":
+            # An inception module's parallel branches meet here (|| for "side by side").
+            table.add_row(f"[bold cyan]{r.name}[/]", "[bold cyan](||) concat[/]", shape, "0", "")
         else:
             table.add_row(r.name, r.kind, shape, f"{r.params:,}", f"{r.macs:,}" if r.macs else "")
     console = Console()
@@ -71,5 +76,6 @@ def run(args) -> int:
         f"Total params: {totals['params']:,}   Trainable: {totals['trainable_params']:,}   "
         f"Non-trainable: {frozen:,}\nMACs: {totals['macs']:,} ({totals['macs'] / 1e9:.3f} G)   "
         f"Residual adds: {totals['residual_adds']}"
+        + (f"   Concats: {totals['concats']}" if totals["concats"] else "")
     )
     return 0

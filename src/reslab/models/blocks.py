@@ -6,7 +6,8 @@ with all of them, the plain (no-shortcut) blocks included. Key names follow torc
 
 The residual add is a module of its own (`ResidualAdd`): it has no parameters, so state dicts
 are unchanged, but it gives the layer table a row per add and lets the experiments hook the
-residual function's output right before the add (the paper's Figure 7).
+residual function's output right before the add (the paper's Figure 7). An inception module's
+concatenation (`Concat`) is one too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,35 @@ class ResidualAdd(nn.Module):
 
     def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         return residual + shortcut
+
+
+class ScaledResidualAdd(ResidualAdd):
+    """y = x + scale * F(x): Inception-ResNet's add (Szegedy et al., 2016, section 3.3).
+
+    Scaling the residual down (0.1 to 0.3) before the add is what kept their widest nets from
+    "dying" early in training; a subclass, so the layer table counts it as a residual add.
+    """
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return residual * self.scale + shortcut
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class Concat(nn.Module):
+    """Parallel branches joined along the channels: the output of an inception module.
+
+    A module of its own for the same reason as `ResidualAdd`: no parameters, but a row per
+    concatenation in the layer table and a place to hook the joined feature maps.
+    """
+
+    def forward(self, *branches: torch.Tensor) -> torch.Tensor:
+        return torch.cat(branches, 1)
 
 
 class ZeroPadShortcut(nn.Module):

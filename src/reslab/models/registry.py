@@ -1,7 +1,10 @@
-"""The model registry: every variant is a line of data, built by one `ResNet` builder.
+"""The model registry: every variant is a line of data, built by its family's one builder.
 
-`create_model(name, **options)` and `list_models()` are the public doors. Options are checked
-here, at the door, with the received value echoed in the error (as Keras applications do).
+ResNets (`ModelSpec`: block, stage depths, widths) are built by `ResNet`; the Inception family
+(`InceptionSpec`: an `inception.Arch`) by `InceptionNet`. `create_model(name, **options)` and
+`list_models()` are the public doors. Options are checked here, at the door, with the received
+value echoed in the error (as Keras applications do); an option of another family is refused
+with the reason.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ import difflib
 import re
 from dataclasses import dataclass
 
+from torch import nn
+
 from reslab.errors import ReslabError
 from reslab.models.blocks import BLOCKS
+from reslab.models.inception import ARCHS, Arch, InceptionNet
 from reslab.models.resnet import SHORTCUTS, ResNet
 
 IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -37,6 +43,11 @@ class ModelSpec:
         return 224 if self.family == "imagenet" else 32
 
     @property
+    def num_classes(self) -> int:
+        """The default: ImageNet's 1000 classes, or CIFAR-10's 10."""
+        return 1000 if self.family == "imagenet" else 10
+
+    @property
     def residual(self) -> bool:
         return BLOCKS[self.block].residual
 
@@ -46,13 +57,46 @@ class ModelSpec:
         return layers_per_block * sum(self.depths) + 2
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+@dataclass(frozen=True)
+class InceptionSpec:
+    """One registered Inception-family net: its `Arch` (the lines of data) and what describes it."""
+
+    name: str
+    arch: Arch
+    family: str = "inception"
+
+    @property
+    def block(self) -> str:
+        return self.arch.block
+
+    @property
+    def image_size(self) -> int:
+        return self.arch.image_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.arch.num_classes
+
+    @property
+    def residual(self) -> bool:
+        return self.arch.residual
+
+    @property
+    def depth(self) -> int:
+        return self.arch.depth
+
+    @property
+    def source(self) -> str:
+        return self.arch.source
 
 
-def register(spec: ModelSpec) -> ModelSpec:
+_REGISTRY: dict[str, ModelSpec | InceptionSpec] = {}
+
+
+def register(spec: ModelSpec | InceptionSpec) -> ModelSpec | InceptionSpec:
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} is already registered")
-    if spec.block not in BLOCKS:
+    if isinstance(spec, ModelSpec) and spec.block not in BLOCKS:
         raise ValueError(f"unknown block {spec.block!r} for {spec.name!r}")
     _REGISTRY[spec.name] = spec
     return spec
@@ -96,6 +140,11 @@ for _n in (18, 111):
     register(ModelSpec(f"preact_resnet{9 * _n + 2}", "cifar", "preact_bottleneck", (_n,) * 3,
                        CIFAR_WIDTHS, shortcut="B"))
 
+# Inception family: GoogLeNet and Inception-v3 as torchvision builds them, Inception-v4 and
+# Inception-ResNet-v2 as timm does, and two small members for 32 px inputs (see inception.py).
+for _name, _arch in ARCHS.items():
+    register(InceptionSpec(_name, _arch))
+
 # Any other 6n+2 depth by name: resnet14, plain8, preact_resnet38 ... (the experiments use them).
 _CIFAR_NAME = re.compile(r"^(resnet|plain|preact_resnet)(\d+)$")
 
@@ -114,12 +163,17 @@ def _cifar_spec_for(name: str) -> ModelSpec | None:
     return ModelSpec(name, "cifar", block, ((depth - 2) // 6,) * 3, CIFAR_WIDTHS, shortcut="A")
 
 
+FAMILIES = ("imagenet", "cifar", "inception")
+
+
 def list_models(family: str | None = None) -> list[str]:
-    """Registered model names, optionally of one family ("imagenet" or "cifar")."""
+    """Registered model names, optionally of one family ("imagenet", "cifar" or "inception")."""
+    if family is not None and family not in FAMILIES:
+        raise ReslabError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
     return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
 
 
-def get_model_spec(name: str) -> ModelSpec:
+def get_model_spec(name: str) -> ModelSpec | InceptionSpec:
     if not isinstance(name, str):
         raise ReslabError(f"model name must be a string, got {name!r}")
     spec = _REGISTRY.get(name) or _cifar_spec_for(name)
@@ -130,29 +184,45 @@ def get_model_spec(name: str) -> ModelSpec:
     return spec
 
 
-OPTIONS = ("num_classes", "in_channels", "zero_init_residual", "shortcut", "stride_in_1x1")
+OPTIONS = ("num_classes", "in_channels", "zero_init_residual", "shortcut", "stride_in_1x1", "aux_logits",
+           "transform_input")
 
 
-def create_model(name: str, **options) -> ResNet:
-    """Build a registered ResNet.
+def create_model(name: str, **options) -> nn.Module:
+    """Build a registered model.
 
-    Options: `num_classes` (default 1000 for ImageNet nets, 10 for CIFAR nets; 0 returns pooled
-    features), `in_channels` (3; 1 for grayscale), `zero_init_residual` (False), `shortcut`
-    ("A", "B" or "C"), `stride_in_1x1` (ImageNet bottleneck nets: the original paper's and
-    Keras's placement of the downsampling stride; torchvision's "v1.5" placement by default).
+    Options on every model: `num_classes` (default 1000 for ImageNet-sized nets, 10 for the 32 px
+    ones; 0 returns pooled features), `in_channels` (3; 1 for grayscale), `zero_init_residual`
+    (False; each residual block starts as the identity). ResNets: `shortcut` ("A", "B" or "C"),
+    `stride_in_1x1` (ImageNet bottleneck nets: the original paper's and Keras's placement of the
+    downsampling stride; torchvision's "v1.5" placement by default). GoogLeNet and Inception-v3:
+    `aux_logits` (False; the auxiliary classifiers, trained but unused at inference) and
+    `transform_input` (False; torchvision's re-scaling of ImageNet-normalized input for their
+    ported weights).
     """
     spec = get_model_spec(name)
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ReslabError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
                           f"valid options: {', '.join(OPTIONS)}")
-    num_classes = options.get("num_classes", 1000 if spec.family == "imagenet" else 10)
-    in_channels = options.get("in_channels", 3)
-    shortcut = options.get("shortcut")
-    stride_in_1x1 = options.get("stride_in_1x1", False)
+    num_classes = options.pop("num_classes", spec.num_classes)
+    in_channels = options.pop("in_channels", 3)
     for key, value, low in (("num_classes", num_classes, 0), ("in_channels", in_channels, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ReslabError(f"create_model({name!r}): {key} must be an integer >= {low}, got {value!r}")
+    build = _build_inception if isinstance(spec, InceptionSpec) else _build_resnet
+    return build(spec, num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def _build_resnet(spec: ModelSpec, *, num_classes: int, in_channels: int, shortcut=None, stride_in_1x1=False,
+                  zero_init_residual=False, aux_logits=False, transform_input=False) -> ResNet:
+    name = spec.name
+    if aux_logits:
+        raise ReslabError(f"create_model({name!r}): aux_logits adds the auxiliary classifiers of GoogLeNet and "
+                          "Inception-v3; a ResNet has none")
+    if transform_input:
+        raise ReslabError(f"create_model({name!r}): transform_input re-scales the input for torchvision's GoogLeNet "
+                          "and Inception-v3 weights; a ResNet takes ImageNet-normalized input as it is")
     if shortcut is None:
         shortcut = spec.shortcut
     elif not spec.residual:
@@ -175,5 +245,36 @@ def create_model(name: str, **options) -> ResNet:
         width_per_group=spec.width_per_group,
         shortcut=shortcut,
         stride_in_1x1=bool(stride_in_1x1),
-        zero_init_residual=bool(options.get("zero_init_residual", False)),
+        zero_init_residual=bool(zero_init_residual),
     )
+
+
+def _build_inception(spec: InceptionSpec, *, num_classes: int, in_channels: int, aux_logits=False,
+                     transform_input=False, zero_init_residual=False, shortcut=None,
+                     stride_in_1x1=False) -> InceptionNet:
+    name, arch = spec.name, spec.arch
+    if shortcut is not None:
+        kind = "adds each block's branches to an identity shortcut" if arch.residual else "has no shortcuts"
+        raise ReslabError(f"create_model({name!r}): shortcut picks a ResNet's shortcut option (paper section "
+                          f"3.3); {name} {kind}, so shortcut={shortcut!r} cannot apply")
+    if stride_in_1x1:
+        raise ReslabError(f"create_model({name!r}): stride_in_1x1 places the stride of ResNet bottleneck blocks; "
+                          f"{name} has none")
+    with_aux = [n for n, s in _REGISTRY.items() if isinstance(s, InceptionSpec) and s.arch.has_aux]
+    if aux_logits and not arch.has_aux:
+        raise ReslabError(f"create_model({name!r}): {name} has no auxiliary classifiers; "
+                          f"aux_logits applies to {' and '.join(with_aux)}")
+    if aux_logits and num_classes == 0:
+        raise ReslabError(f"create_model({name!r}): aux_logits=True needs classes for the auxiliary "
+                          "classifiers; num_classes=0 (features only) cannot have them")
+    if transform_input and not arch.transform_input:
+        raise ReslabError(f"create_model({name!r}): transform_input belongs to torchvision's googlenet and "
+                          f"inception_v3 (their ported weights expect it); {arch.source} has no such option")
+    if transform_input and in_channels != 3:
+        raise ReslabError(f"create_model({name!r}): transform_input re-scales the three RGB channels, "
+                          f"so it needs in_channels=3, got {in_channels!r}")
+    if zero_init_residual and not arch.residual:
+        raise ReslabError(f"create_model({name!r}): {name} has no residual branches to start at zero; "
+                          "zero_init_residual applies to the Inception-ResNet nets")
+    return InceptionNet(arch, num_classes=num_classes, in_channels=in_channels, aux_logits=bool(aux_logits),
+                        transform_input=bool(transform_input), zero_init_residual=bool(zero_init_residual))

@@ -73,6 +73,8 @@ class ResNet(nn.Module):
     `include_top=False, pooling="avg"`.
     """
 
+    classifier_name = "fc"  # as InceptionNet's, whose sources name it otherwise (last_linear, classif)
+
     def __init__(
         self,
         block,

@@ -1,8 +1,9 @@
 """What a model is made of, measured from a real forward pass (pycls-style complexity).
 
-`layer_table` lists every leaf layer and every residual add with its output shape and
-parameters; `complexity` gives the totals. Both run one batch-of-one forward pass in eval mode
-under `no_grad`, so a model's weights and BatchNorm statistics are left as they were.
+`layer_table` lists every leaf layer, every residual add and every branch concatenation (an
+inception module's output) with its output shape and parameters; `complexity` gives the totals.
+Both run one batch-of-one forward pass in eval mode under `no_grad`, so a model's weights and
+BatchNorm statistics are left as they were.
 `measure(name)` builds a registered model without initializing its weights (the numbers do not
 depend on them) and measures it: the whole registry takes seconds, not minutes.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reslab.models.blocks import ResidualAdd
+from reslab.models.blocks import Concat, ResidualAdd
 
 
 @dataclass
@@ -38,13 +39,17 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 def _is_row(module: nn.Module) -> bool:
-    return isinstance(module, ResidualAdd) or (
+    return isinstance(module, (ResidualAdd, Concat)) or (
         len(list(module.children())) == 0 and not isinstance(module, nn.Identity)
     )
 
 
 def layer_table(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerRow]:
-    """One row per leaf layer and per residual add, in execution order."""
+    """One row per leaf layer, residual add and concatenation, in execution order.
+
+    A residual add's kind reads "ResidualAdd" (Inception-ResNet's scaled add too), a
+    concatenation's "Concat".
+    """
     probe = model
     param = next(model.parameters())
     rows: list[LayerRow] = []
@@ -86,6 +91,7 @@ def complexity(model: nn.Module, input_size: tuple[int, int, int]) -> dict:
         "macs": sum(r.macs for r in rows),
         "activations": sum(int(torch.Size(r.output_shape).numel()) for r in rows if r.kind.startswith("Conv")),
         "residual_adds": sum(r.kind == "ResidualAdd" for r in rows),
+        "concats": sum(r.kind == "Concat" for r in rows),
         "input_size": list(input_size),
     }
 
