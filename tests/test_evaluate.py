@@ -74,12 +74,19 @@ def test_default_out_is_in_the_run_and_split_folder_uses_test(trained, tmp_path)
         evaluate(run, data=str(folder), split="val")
 
 
-def test_class_mismatch_is_refused(trained, tmp_path):
+def test_classes_are_matched_by_name_a_subset_is_fine_an_unknown_one_refused(trained, tmp_path):
     folder, run = trained
-    other = tmp_path / "two"
+    subset = tmp_path / "two"
     for c in CLASSES[:2]:
-        shutil.copytree(folder / c, other / c)
-    with pytest.raises(ReslabError, match="3 classes.*has 2"):
+        # Another spelling of the same class (case, plural) is matched to it.
+        shutil.copytree(folder / c, subset / (c.upper() + "s" if c == CLASSES[1] else c))
+    result = evaluate(run, data=str(subset), out=tmp_path / "subset")
+    assert result["n"] == sum(len(list((folder / c).iterdir())) for c in CLASSES[:2])
+    assert set(result["per_class"]) == set(CLASSES)
+    other = tmp_path / "other"
+    shutil.copytree(folder / CLASSES[0], other / CLASSES[0])
+    shutil.copytree(folder / CLASSES[1], other / "zebra")
+    with pytest.raises(ReslabError, match="1 class.*zebra"):
         evaluate(run, data=str(other), out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
 

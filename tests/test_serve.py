@@ -185,8 +185,8 @@ def test_concurrent_requests_share_one_model(checkpoint, monkeypatch):
     from reslab.inference import predictor
 
     loads = []
-    real = predictor.load_model
-    monkeypatch.setattr(predictor, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = predictor.load_source
+    monkeypatch.setattr(predictor, "load_source", lambda *a, **k: loads.append(1) or real(*a, **k))
     with TestClient(create_app(checkpoint)) as client:
         images = [image_bytes(seed=i) for i in range(4)]
         expected = [post(client, "/predict", data).json()["predictions"] for data in images]

@@ -45,7 +45,7 @@ class BenchConfig:
     warmup: int = 3  # steps before the timed window
     seconds: float = 5.0  # length of the timed window
     threads: int | None = None  # torch intra-op threads (and the exported runtimes'); None: torch's default
-    num_classes: int | None = None  # None: 10 for the CIFAR family, 1000 for ImageNet
+    num_classes: int | None = None  # None: the model's default (10 for 32 px nets, 1000 for ImageNet ones)
     device: str = "cpu"
     textbook: bool = False  # the peer every repository runs: fp32, NCHW, eager, no folding, per-step syncs
 
@@ -63,7 +63,7 @@ class BenchConfig:
         if cfg.image_size is None:
             cfg.image_size = spec.image_size
         if cfg.num_classes is None:
-            cfg.num_classes = 10 if spec.family == "cifar" else 1000
+            cfg.num_classes = spec.num_classes
         for name in ("batch_size", "image_size", "warmup"):
             value = getattr(cfg, name)
             if value < (0 if name == "warmup" else 1):

@@ -54,8 +54,10 @@ def load_eval_set(data: str, meta, split: str | None = None, *, data_dir: str | 
         val_split = 0.0
     else:
         val_split = extra.get("val_split") if same_data else None
-    bundle = load_data(data, image_size=pre.get("image_size"), val_split=val_split, seed=seed, data_dir=data_dir,
-                       quiet=True)
+    # Weights evaluated as their publishers do (resize the shorter side to resize_size, crop the centre
+    # image_size): the data is decoded at resize_size, whose centre crop is that same crop.
+    size, resize_size = pre.get("image_size"), pre.get("resize_size") or pre.get("image_size")
+    bundle = load_data(data, image_size=resize_size, val_split=val_split, seed=seed, data_dir=data_dir, quiet=True)
     if whole_folder:
         part, name = bundle.train, "all"
     else:
@@ -70,12 +72,41 @@ def load_eval_set(data: str, meta, split: str | None = None, *, data_dir: str | 
         raise ReslabError(f"the checkpoint takes {want}-channel images but {data} gives "
                           f"{part.images.shape[1]}-channel ones; evaluate it on data like its training data")
     classes = list(meta.classes)
-    if sorted(bundle.classes) != sorted(classes):
-        raise ReslabError(f"the checkpoint knows {len(classes)} classes ({_names(classes)}) but {data} has "
-                          f"{len(bundle.classes)} ({_names(bundle.classes)}); evaluate on data with the same classes")
-    # Same names in another order (another folder listing): map the data's labels to the checkpoint's.
-    to_ckpt = torch.tensor([classes.index(c) for c in bundle.classes], dtype=torch.int64)
-    return EvalSet(part.images, to_ckpt[part.labels], name)
+    lookup = class_lookup(bundle.classes, classes)
+    unknown = [c for c in bundle.classes if c not in lookup]
+    if unknown:
+        raise ReslabError(f"{data} has {len(unknown)} class(es) the weights do not know ({_names(unknown)}); the "
+                          f"weights know {len(classes)} ({_names(classes)}): evaluate on data whose class folders "
+                          "are named as the weights' classes (a subset is fine)")
+    # Classes matched by name (another order, or a subset of the weights' classes).
+    to_ckpt = torch.tensor([lookup[c] for c in bundle.classes], dtype=torch.int64)
+    images = part.images
+    if resize_size != size:
+        top, left = (images.shape[2] - size) // 2, (images.shape[3] - size) // 2
+        images = images[:, :, top:top + size, left:left + size].contiguous()
+    return EvalSet(images, to_ckpt[part.labels], name)
+
+
+def _plain(name: str) -> str:
+    """A class name as people vary it: case, separators, a plural "s" ("Golden_Retrievers" ~ "golden retriever")."""
+    name = " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    return name[:-1] if name.endswith("s") and not name.endswith("ss") else name
+
+
+def class_lookup(data_classes: list[str], weight_classes: list[str]) -> dict[str, int]:
+    """Each data class's index among the weights' classes: by exact name, else by the plain form when
+    exactly one of the weights' classes has it."""
+    exact = {c: i for i, c in enumerate(weight_classes)}
+    plain: dict[str, list[int]] = {}
+    for i, c in enumerate(weight_classes):
+        plain.setdefault(_plain(c), []).append(i)
+    lookup = {}
+    for c in data_classes:
+        if c in exact:
+            lookup[c] = exact[c]
+        elif len(plain.get(_plain(c), [])) == 1:
+            lookup[c] = plain[_plain(c)][0]
+    return lookup
 
 
 def _names(classes, limit: int = 6) -> str:
@@ -83,11 +114,26 @@ def _names(classes, limit: int = 6) -> str:
     return shown + (", ..." if len(classes) > limit else "")
 
 
+# Weights with many classes (ImageNet's 1000) evaluated on a folder of a few of them: the per-class
+# table and the confusion matrix show the folder's classes, with every other prediction as "other".
+OTHER = "(other)"
+MAX_SHOWN_CLASSES = 50
+
+
 def metrics(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
     """top1, top5 (top-min(5, classes)), n, per_class precision/recall/support, confusion, loss."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     n, num_classes = probabilities.shape
+    present = sorted(set(labels.tolist()))
+    if num_classes > MAX_SHOWN_CLASSES and len(present) < num_classes:
+        result = metrics(_fold_other(probabilities, present), _relabel(labels, present),
+                         [classes[i] for i in present] + [OTHER])
+        top = probabilities.topk(min(5, num_classes), dim=1).indices
+        result["top1"] = float((probabilities.argmax(1) == labels).float().mean()) if n else None
+        result["top5"] = float((top == labels[:, None]).any(1).float().mean()) if n else None
+        result["per_class"].pop(OTHER)
+        return result
     y_true, y_pred = labels.numpy(), probabilities.argmax(1).numpy()
     k = min(5, num_classes)
     top5 = (probabilities.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
@@ -108,6 +154,19 @@ def metrics(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str
     }
 
 
+def _fold_other(probabilities: torch.Tensor, present: list[int]) -> torch.Tensor:
+    """Scores over the present classes plus one column, the best of the others: the arg-max of the result
+    is the true prediction, with any class outside the folder's read as "other"."""
+    others = torch.ones(probabilities.shape[1], dtype=torch.bool)
+    others[present] = False
+    return torch.cat([probabilities[:, present], probabilities[:, others].max(1, keepdim=True).values], dim=1)
+
+
+def _relabel(labels: torch.Tensor, present: list[int]) -> torch.Tensor:
+    index = {c: i for i, c in enumerate(present)}
+    return torch.tensor([index[c] for c in labels.tolist()], dtype=torch.int64)
+
+
 def sample_indices(correct: np.ndarray, count: int = SAMPLE_COUNT, wrong_max: int = SAMPLE_WRONG) -> np.ndarray:
     """Up to `count` indices, evenly spread, with up to `wrong_max` mistakes among them; ascending."""
 
@@ -121,22 +180,28 @@ def sample_indices(correct: np.ndarray, count: int = SAMPLE_COUNT, wrong_max: in
 
 
 def default_out(source: str | os.PathLike, data: str) -> Path:
+    """RUN/eval-<data> for a run, beside a weights file, runs/<name>-eval-<data> for catalog weights."""
     from reslab.train.state import safe_name
 
     path = Path(source)
+    if not path.exists():  # catalog weights or a URL
+        return Path("runs") / f"{safe_name(str(source))}-eval-{safe_name(data)}"
     run_dir = path if path.is_dir() else path.parent
     return run_dir / f"eval-{safe_name(data)}"
 
 
 def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str | None = None,
              out: str | os.PathLike | None = None, device: str = "cpu", data_dir: str | None = None,
-             backend: str = "auto", precision: str = "auto") -> dict:
-    """Evaluate a run directory or reslab weights file; writes eval.json, confusion.png, samples.png."""
+             backend: str = "auto", precision: str = "auto", model: str | None = None, classes=None) -> dict:
+    """Evaluate any model source (see reslab.weights.load_source); writes eval.json, confusion.png,
+    samples.png."""
     from reslab import plots
     from reslab.inference.predictor import Predictor
 
-    checkpoint = resolve(source)
-    predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision)
+    path = Path(source)
+    checkpoint = resolve(source) if path.is_dir() else source
+    predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision, model=model,
+                          classes=classes)
     data = data or predictor.meta.extra.get("data")
     if not data:
         raise ReslabError(f"{checkpoint} does not say which data it was trained on; give --data")
@@ -147,7 +212,8 @@ def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str |
               **metrics(probabilities, eval_set.labels, classes)}
     out = Path(out) if out is not None else default_out(source, data)
     predicted = probabilities.argmax(1)
-    plots.confusion(out / CONFUSION_PNG, np.asarray(result["confusion"]), classes,
+    shown = list(result["per_class"]) + ([OTHER] if len(result["confusion"]) > len(result["per_class"]) else [])
+    plots.confusion(out / CONFUSION_PNG, np.asarray(result["confusion"]), shown,
                     title=f"{predictor.meta.model} on {Path(data).name or data} ({eval_set.split}): "
                           f"top-1 {result['top1']:.3f}")
     pick = sample_indices((predicted == eval_set.labels).numpy())

@@ -33,7 +33,10 @@ def stage_names(model: nn.Module) -> list[str]:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The last stage (`layer4` for ImageNet nets, `layer3` for CIFAR nets)."""
+    """The last stage (`layer4` for ImageNet nets, `layer3` for CIFAR nets), or the block whose output
+    an Inception net pools (its `feature_layer`, e.g. `inception5b`, `Mixed_7c`)."""
+    if getattr(model, "feature_layer", None):
+        return model.feature_layer
     names = stage_names(model)
     if not names:
         raise ReslabError(f"{type(model).__name__} has no stages; name a convolutional layer with --layer")

@@ -58,6 +58,8 @@ class ServeConfig:
     backend: str = "auto"  # the fastest installed one by default
     precision: str = "auto"
     top_k: int = 5  # /predict's default; a request may ask for another with ?top_k=
+    model: str | None = None  # architecture of a foreign checkpoint (see reslab.weights.load_source)
+    classes: str | None = None  # its class names file
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -300,7 +302,8 @@ def create_app(source, config: ServeConfig | None = None):
 
     config = config or ServeConfig()
     predictor = source if isinstance(source, Predictor) else Predictor(
-        source, device=config.device, backend=config.backend, precision=config.precision, top_k=config.top_k)
+        source, device=config.device, backend=config.backend, precision=config.precision, top_k=config.top_k,
+        model=config.model, classes=config.classes)
     service = Service(predictor, config)
     app = FastAPI(
         title="reslab",

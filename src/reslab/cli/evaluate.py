@@ -9,7 +9,7 @@ from reslab.cli.options import add_inference_options
 
 
 def add_arguments(parser) -> None:
-    add_inference_options(parser, "source")
+    add_inference_options(parser, "source", "model", "classes")
     parser.add_argument("--data", help="data to evaluate on (default: the checkpoint's training data)")
     parser.add_argument("--split", help="test or val (default: test where there is one)")
     parser.add_argument("--out", help="folder for eval.json and the figures (default RUN/eval-<data>/)")
@@ -24,7 +24,8 @@ def run(args) -> int:
     from reslab.evaluate import evaluate
 
     result = evaluate(args.source, data=args.data, split=args.split, out=args.out, device=args.device,
-                      data_dir=args.data_dir, backend=args.backend, precision=args.precision)
+                      data_dir=args.data_dir, backend=args.backend, precision=args.precision, model=args.model,
+                      classes=args.classes)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
         return 0

@@ -8,7 +8,7 @@ from reslab.cli.options import add_inference_options
 
 
 def add_arguments(parser) -> None:
-    add_inference_options(parser, "checkpoint")
+    add_inference_options(parser, "checkpoint", "model", "classes")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     parser.add_argument("--layer", default=None,
                         help="module whose feature maps are explained (default: the last stage)")
@@ -30,7 +30,8 @@ def run(args) -> int:
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise ReslabError(f"image not found: {missing[0]}; give the path of an existing image file")
-    explainer = Explainer(Predictor(args.source, device=args.device, top_k=args.top_k), args.layer)
+    explainer = Explainer(Predictor(args.source, device=args.device, top_k=args.top_k, model=args.model,
+                                     classes=args.classes), args.layer)
     explainer.class_index(args.class_name)  # an unknown --class fails before any work
     out = Path(args.out)
     table = Table(title=f"Grad-CAM of {explainer.predictor.meta.model}, layer {explainer.layer}")

@@ -55,10 +55,17 @@ def _checked(where: str, convert=str):
 # name -> (flags, argparse keywords). A variant of an option is a line here, not a copy in a command.
 OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "source": (("source",), {"metavar": "RUN_OR_CKPT",
-                             "help": "a run directory (its best weights), a reslab weights file, or an exported "
-                                     ".onnx / OpenVINO .xml file"}),
+                             "help": "a run directory (its best weights), a reslab weights file, catalog weights "
+                                     "(MODEL.TAG, see `reslab models --pretrained`), a foreign checkpoint file or "
+                                     "URL, or an exported .onnx / OpenVINO .xml file"}),
     "checkpoint": (("source",), {"metavar": "RUN_OR_CKPT",
-                                 "help": "a run directory (its best weights) or a reslab weights file"}),
+                                 "help": "a run directory (its best weights), a reslab weights file, catalog weights "
+                                         "(MODEL.TAG), or a foreign checkpoint file or URL"}),
+    "model": (("--model",), {"default": None, "metavar": "NAME",
+                             "help": "the architecture of a foreign checkpoint that is not in the catalog"}),
+    "classes": (("--classes",), {"default": None, "metavar": "FILE",
+                                 "help": "class names of a foreign checkpoint: one per line (or a JSON list); "
+                                         "default: numbered"}),
     "device": (("--device",), {"default": "cpu", "type": _checked("reslab.hardware:check_device"),
                                "help": "cpu (default), cuda, cuda:1 ..."}),
     "backend": (("--backend",), {"default": "auto", "choices": _Names("reslab.inference.backends:BACKENDS"),

@@ -6,7 +6,7 @@ from reslab.cli.options import add_inference_options
 
 
 def add_arguments(parser) -> None:
-    add_inference_options(parser, "source")
+    add_inference_options(parser, "source", "model", "classes")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")

@@ -54,32 +54,41 @@ def _to_mode(img: Image.Image, in_channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def _fit(img: Image.Image, image_size: int, resize: str) -> Image.Image:
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def _fit(img: Image.Image, image_size: int, resize: str, resize_size: int | None = None,
+         interpolation: str = "bilinear") -> Image.Image:
+    """The image at image_size x image_size. center_crop: the centre square of the shorter side, or
+    with `resize_size`, the centre image_size crop after resizing the shorter side to resize_size
+    (torchvision's and timm's evaluation: Resize(resize_size) then CenterCrop(image_size))."""
     width, height = img.size
     box = None
-    if resize == "center_crop" and width != height:
-        side = min(width, height)
+    if resize == "center_crop" and (width != height or (resize_size or image_size) != image_size):
+        side = min(width, height) * image_size / (resize_size or image_size)
         left, top = (width - side) / 2, (height - side) / 2
         box = (left, top, left + side, top + side)
     if box is None and (width, height) == (image_size, image_size):
         return img
     # Resizing and cropping in one call lets PIL filter from the full-resolution pixels.
-    return img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
+    return img.resize((image_size, image_size), _FILTERS.get(interpolation, Image.Resampling.BILINEAR), box=box)
 
 
 def decode_image(
-    img: Image.Image | str | os.PathLike, image_size: int, in_channels: int, resize: str = "center_crop"
+    img: Image.Image | str | os.PathLike, image_size: int, in_channels: int, resize: str = "center_crop",
+    resize_size: int | None = None, interpolation: str = "bilinear",
 ) -> np.ndarray:
     """uint8 C x H x W numpy array; a bad file raises PIL's own errors (OSError, ValueError...)."""
     check_preprocessing(image_size, in_channels, resize)
     if isinstance(img, (str, os.PathLike)):
         with Image.open(Path(img)) as opened:
-            return decode_image(opened, image_size, in_channels, resize)
-    if img.format == "JPEG" and min(img.size) >= _DRAFT_FACTOR * image_size:
-        # Draft keeps both sides >= the request, so the shorter side still covers image_size.
-        img.draft("L" if in_channels == 1 else "RGB", (image_size, image_size))
+            return decode_image(opened, image_size, in_channels, resize, resize_size, interpolation)
+    scale_to = max(image_size, resize_size or 0)
+    if img.format == "JPEG" and min(img.size) >= _DRAFT_FACTOR * scale_to:
+        # Draft keeps both sides >= the request, so the shorter side still covers the resize.
+        img.draft("L" if in_channels == 1 else "RGB", (scale_to, scale_to))
     ImageOps.exif_transpose(img, in_place=True)
-    img = _fit(_to_mode(img, in_channels), image_size, resize)
+    img = _fit(_to_mode(img, in_channels), image_size, resize, resize_size, interpolation)
     arr = np.asarray(img, dtype=np.uint8)
     arr = np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     # PIL's buffer is read-only; torch wants to own writable memory.
@@ -92,6 +101,8 @@ def preprocess_image(
     image_size: int,
     in_channels: int,
     resize: str = "center_crop",
+    resize_size: int | None = None,
+    interpolation: str = "bilinear",
     **ignored,
 ):
     """An image (PIL image or path) as a uint8 C x H x W tensor, exactly as training saw it.
@@ -104,7 +115,7 @@ def preprocess_image(
     if isinstance(img, (str, os.PathLike)) and not Path(img).is_file():
         raise ReslabError(f"image not found: {img}; give the path of an existing image file")
     try:
-        array = decode_image(img, image_size, in_channels, resize)
+        array = decode_image(img, image_size, in_channels, resize, resize_size, interpolation)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ReslabError(
             f"cannot read {img} as an image ({err}); give a {IMAGE_FORMATS} file"

@@ -62,14 +62,15 @@ def default_channels_last(model_name: str, precision: str, device: torch.device)
     """channels_last where it measured faster: GPUs, bf16, and the wide ImageNet-family nets.
 
     On the 2-core AVX2 CPU fp32 channels_last sped ResNet-50 up and slowed the narrow CIFAR
-    ResNet-20 down (benchmarks/RESULTS.md, Speed: notes), so the family decides.
+    ResNet-20 down (benchmarks/RESULTS.md, Speed: notes), so the net's size decides: the nets made for
+    ImageNet-sized inputs (ResNets and Inception nets alike) take it, the 32 px ones do not.
     """
     if device.type == "cuda" or precision == "bf16":
         return True
     from reslab.models import get_model_spec
 
     try:
-        return get_model_spec(model_name).family == "imagenet"
+        return get_model_spec(model_name).image_size >= 128
     except ReslabError:
         return False
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reslab.checkpoint import CheckpointMeta, load_model
+from reslab.checkpoint import CheckpointMeta
 from reslab.errors import ReslabError
 from reslab.hardware import bf16_is_fast, check_device, resolve_precision
 from reslab.inference.backends import installed_backends, make_runner, resolve_backend
 from reslab.inference.export import cached_export, read_exported_meta
+from reslab.weights.source import load_source
 
 
 def check_top_k(top_k: int) -> int:
@@ -57,7 +58,8 @@ class Predictor:
     """
 
     def __init__(self, source: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str = "auto",
-                 precision: str = "auto", top_k: int = 5, compile: bool = False, channels_last: bool | None = None):
+                 precision: str = "auto", top_k: int = 5, compile: bool = False, channels_last: bool | None = None,
+                 model: str | None = None, classes=None):
         path = Path(source)
         self.source = path
         device = check_device(device)
@@ -69,7 +71,9 @@ class Predictor:
             if backend == "onnxruntime" and path.suffix.lower() == ".xml":
                 raise ReslabError(f"{path} is an OpenVINO model; use --backend openvino (or the .onnx export)")
         else:
-            model, meta = load_model(source, device=device)
+            # Any source: a run, a weights file, catalog weights, a foreign checkpoint (see reslab.weights).
+            net, meta = load_source(source, model=model, classes=classes, device=device)
+            model = net
         self._setup(model, meta, device, backend, precision, top_k, compile, channels_last)
 
     @classmethod

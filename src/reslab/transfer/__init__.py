@@ -122,7 +122,8 @@ def match_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = 
     rows += [("unexpected", k, "-", _shape(state[k])) for k in state if k not in body and k not in head_keys]
 
     src_w = state.get(f"{head}weight")
-    new_classes = getattr(model, "num_classes", expected[f"{head}weight"].shape[0] if f"{head}weight" in expected else 0)
+    head_w = expected.get(f"{head}weight")
+    new_classes = getattr(model, "num_classes", head_w.shape[0] if head_w is not None else 0)
     if src_w is not None and src_w.dim() == 2 and src_w.shape[1] != getattr(model, "num_features", src_w.shape[1]):
         rows.append(("shape", f"{head}weight", f"{new_classes}x{model.num_features}", _shape(src_w)))
     if rows:
