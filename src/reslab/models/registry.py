@@ -166,10 +166,15 @@ def _cifar_spec_for(name: str) -> ModelSpec | None:
 FAMILIES = ("imagenet", "cifar", "inception")
 
 
-def list_models(family: str | None = None) -> list[str]:
-    """Registered model names, optionally of one family ("imagenet", "cifar" or "inception")."""
+def list_models(family: str | None = None, *, pretrained: bool = False) -> list[str]:
+    """Registered model names, optionally of one family ("imagenet", "cifar" or "inception"); with
+    `pretrained=True`, the weights catalog's `MODEL.TAG` names instead (timm's convention)."""
     if family is not None and family not in FAMILIES:
         raise ReslabError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
+    if pretrained:
+        from reslab.weights import list_weights
+
+        return [e.name for e in list_weights() if family is None or get_model_spec(e.model).family == family]
     return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
 
 
@@ -188,8 +193,9 @@ OPTIONS = ("num_classes", "in_channels", "zero_init_residual", "shortcut", "stri
            "transform_input")
 
 
-def create_model(name: str, **options) -> nn.Module:
-    """Build a registered model.
+def create_model(name: str, pretrained: bool = False, **options) -> nn.Module:
+    """Build a registered model; `create_model("resnet50.tv2_in1k", pretrained=True)` loads catalog weights
+    (see reslab.weights), with a fresh head when `num_classes` differs from theirs.
 
     Options on every model: `num_classes` (default 1000 for ImageNet-sized nets, 10 for the 32 px
     ones; 0 returns pooled features), `in_channels` (3; 1 for grayscale), `zero_init_residual`
@@ -200,6 +206,8 @@ def create_model(name: str, **options) -> nn.Module:
     `transform_input` (False; torchvision's re-scaling of ImageNet-normalized input for their
     ported weights).
     """
+    if pretrained or (isinstance(name, str) and "." in name):
+        return _pretrained(name, pretrained, options)
     spec = get_model_spec(name)
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -212,6 +220,18 @@ def create_model(name: str, **options) -> nn.Module:
             raise ReslabError(f"create_model({name!r}): {key} must be an integer >= {low}, got {value!r}")
     build = _build_inception if isinstance(spec, InceptionSpec) else _build_resnet
     return build(spec, num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def _pretrained(name: str, pretrained: bool, options: dict) -> nn.Module:
+    """`MODEL.TAG` (its weights when `pretrained`), or `MODEL` with pretrained=True (its best ImageNet weights)."""
+    from reslab.weights import default_weights, get_weights, load_pretrained_model
+
+    entry = get_weights(name) if "." in name else default_weights(name)
+    if not pretrained:  # the architecture the weights need, randomly initialized (timm does the same)
+        return create_model(entry.model, **{"num_classes": len(entry.class_names()), **entry.model_options, **options})
+    num_classes = options.pop("num_classes", None)
+    model, _ = load_pretrained_model(entry.name, num_classes=num_classes, **options)
+    return model
 
 
 def _build_resnet(spec: ModelSpec, *, num_classes: int, in_channels: int, shortcut=None, stride_in_1x1=False,

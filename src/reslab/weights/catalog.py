@@ -55,7 +55,7 @@ class WeightsEntry:
     top1: float | None  # published accuracy on the classes' own test/validation set, a fraction
     top5: float | None
     preprocessing: Preprocessing
-    classes: str  # "imagenet1k" or "cifar10"
+    classes: str | tuple[str, ...]  # "imagenet1k", "cifar10", or the names themselves
     model_options: dict = field(default_factory=dict)  # create_model options the weights need
     file_name: str | None = None  # in $TORCH_HOME/hub/checkpoints; default: the URL's file name
     top1_image_size: int | None = None  # where the published accuracy was measured at another size
@@ -75,7 +75,7 @@ class WeightsEntry:
         return self.file_name or PurePosixPath(urlparse(self.url).path).name
 
     def class_names(self) -> list[str]:
-        return class_names(self.classes)
+        return list(self.classes) if isinstance(self.classes, tuple) else class_names(self.classes)
 
 
 _CATALOG: dict[str, WeightsEntry] = {}
