@@ -1,4 +1,4 @@
-"""reslab.train.distributed: torchrun's environment, batch/lr semantics, CPU SyncBatchNorm, the launcher.
+"""reslab.train.distributed and sync_bn: torchrun's environment, batch/lr semantics, CPU SyncBatchNorm, the launcher.
 
 The multi-process tests spawn 2 CPU processes with gloo on 127.0.0.1 (a few seconds each on a quiet
 machine, most of it importing torch twice).
@@ -6,14 +6,18 @@ machine, most of it importing torch twice).
 
 from __future__ import annotations
 
+import os
+import re
 import time
 
 import pytest
 import torch
 from torch import nn
 
+from reslab.checkpoint import unwrap
 from reslab.errors import ReslabError
 from reslab.train import distributed as D
+from reslab.train.sync_bn import GlooSyncBatchNorm, convert_sync_batchnorm
 
 TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
@@ -45,7 +49,7 @@ def test_init_outside_torchrun_is_single_process(monkeypatch):
         assert ctx.broadcast({"stop": True}) == {"stop": True}
         ctx.barrier()
         model = nn.Linear(2, 2)
-        assert D.wrap(model, ctx, sync_bn=True) is model and D.unwrap(model) is model
+        assert D.wrap(model, ctx, sync_bn=True) is model and unwrap(model) is model
         assert ctx.device("cuda") == torch.device("cuda")  # no rank index without a process group
 
 
@@ -99,15 +103,15 @@ def test_cpu_sync_batchnorm_conversion_keeps_state_and_equals_batchnorm_alone():
     params = list(model.parameters())
     x = torch.randn(4, 3, 6, 6)
     expected = model(x)
-    converted = D.convert_sync_batchnorm(model, "cpu")
-    assert [type(m) for m in converted.modules()].count(D.GlooSyncBatchNorm) == 2
+    converted = convert_sync_batchnorm(model, "cpu")
+    assert [type(m) for m in converted.modules()].count(GlooSyncBatchNorm) == 2
     assert not converted[1].weight.requires_grad and not converted.training
     assert all(a is b for a, b in zip(converted.parameters(), params, strict=True))  # an optimizer still holds them
     assert converted.state_dict().keys() == reference.keys()
     assert all(torch.equal(converted.state_dict()[k], v) for k, v in reference.items())
     torch.testing.assert_close(converted(x), expected)
     # Without a process group it is plain BatchNorm, in training mode as well.
-    bn, synced = nn.BatchNorm2d(4).train(), D.GlooSyncBatchNorm(4).train()
+    bn, synced = nn.BatchNorm2d(4).train(), GlooSyncBatchNorm(4).train()
     x4 = torch.randn(5, 4, 3, 3)
     torch.testing.assert_close(synced(x4), bn(x4))
     torch.testing.assert_close(synced.running_var, bn.running_var)
@@ -116,7 +120,7 @@ def test_cpu_sync_batchnorm_conversion_keeps_state_and_equals_batchnorm_alone():
 
     frozen = _net()
     frozen[1].__class__ = FrozenBatchNorm2d
-    assert type(D.convert_sync_batchnorm(frozen, "cpu")[1]) is FrozenBatchNorm2d
+    assert type(convert_sync_batchnorm(frozen, "cpu")[1]) is FrozenBatchNorm2d
 
 
 # --- two processes ---------------------------------------------------------------------------
@@ -134,7 +138,7 @@ def _sgd_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {k: v.detach().clone() for k, v in D.unwrap(model).state_dict().items()}
+    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def _train_shard() -> dict:
@@ -150,7 +154,7 @@ def _train_shard() -> dict:
             "any": ctx.any(ctx.rank == 1),
             "broadcast": ctx.broadcast(f"from rank {ctx.rank}"),
             "world_size": ctx.world_size,
-            "norm": type(D.unwrap(model)[1]).__name__,
+            "norm": type(unwrap(model)[1]).__name__,
         }
 
 
@@ -169,23 +173,37 @@ def test_two_processes_with_sync_batchnorm_equal_one_process_on_the_global_batch
     assert not torch.equal(expected["0.weight"], _net().state_dict()["0.weight"])  # it did train
 
 
-def _crash_on_rank_1() -> int:
-    with D.session("cpu", timeout=60) as ctx:
-        ctx.barrier()
-        D.maybe_inject_crash(ctx)
-        ctx.barrier()  # rank 0 waits here for a rank that is gone
-        return ctx.rank
+def _crash_on_rank_1(slow_exit: float = 0.0) -> int:
+    try:
+        with D.session("cpu", timeout=60) as ctx:
+            ctx.barrier()
+            if ctx.rank == 1:
+                raise RuntimeError("crash on rank 1")
+            ctx.barrier()  # rank 0 waits here for a rank that is gone
+            return ctx.rank
+    finally:
+        if os.environ["RANK"] == "1":
+            # The failing rank is still exiting when rank 0, which lost contact, has exited.
+            time.sleep(slow_exit)
 
 
 @pytest.mark.slow
-def test_a_crash_on_one_rank_ends_the_job_naming_it(monkeypatch, capfd):
-    monkeypatch.setenv(D.CRASH_ENV, "1")
+def test_a_crash_on_one_rank_ends_the_job_naming_it(capfd):
     start = time.monotonic()
     with pytest.raises(ReslabError, match="process 1 of 2 failed"):
         D.launch(2, _crash_on_rank_1)
     assert time.monotonic() - start < 60  # well inside the 60 s collective timeout
     err = capfd.readouterr().err
-    assert "RuntimeError: crash injected on rank 1" in err
+    assert "reslab: rank 1 failed:" in err and "RuntimeError: crash on rank 1" in err
+    assert not re.search(r"(?m)^[EWI]\d{4} ", err), err  # none of the agent's log lines ("E1123 18:58:21 ...")
+
+
+@pytest.mark.slow
+def test_the_failing_rank_is_named_even_when_its_peer_exits_first(capfd):
+    # The launcher sees rank 0's exit first (it lost contact), yet names rank 1, whose error it recorded.
+    with pytest.raises(ReslabError, match="process 1 of 2 failed"):
+        D.launch(2, _crash_on_rank_1, 3.0)
+    assert "rank 0: lost contact with another rank" in capfd.readouterr().err
 
 
 def test_launch_refuses_a_bad_process_count():

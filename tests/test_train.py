@@ -64,6 +64,7 @@ def test_short_run_writes_every_file_consistently(folder, tmp_path):
                  "last.state.pt", "curves.png"):
         assert (run / name).is_file(), name
     assert not list(run.glob(".*.tmp")), "temporary files left behind"
+    assert not (run / ".lock").exists(), "the run's lock outlived it"
 
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -157,6 +158,7 @@ def test_kill_9_leaves_a_loadable_checkpoint(folder, tmp_path):
     model, meta = load_model(run / "last.safetensors")
     state = load_state(run)
     assert meta.classes == list(CLASSES) and state["epoch"] >= 1
+    assert (run / ".lock").is_file()  # the killed run's lock file stays, but nothing holds it any more
     with open(run / "metrics.csv") as f:
         assert next(csv.reader(f)) == list(METRIC_COLUMNS)
     final = train(TrainConfig(resume=str(run), epochs=state["epoch"] + 1, quiet=True))
@@ -206,14 +208,14 @@ def test_config_recipes_and_refusals():
 
 
 def test_default_recipe_and_run_dir_name(monkeypatch, tmp_path):
-    from reslab.train.state import new_run_dir, safe_name
+    from reslab.train.state import claim_run_dir, new_run_dir, safe_name
 
     monkeypatch.chdir(tmp_path)
     assert safe_name("/data/cats vs dogs/") == "cats_vs_dogs"
     path = new_run_dir(None, "resnet20", "digits")
     assert path.parent == Path("runs") and path.name.startswith("resnet20-digits-")
     (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "config.json").write_text("{}")
-    with pytest.raises(ReslabError, match="already holds a run"):
-        new_run_dir(str(tmp_path / "taken"), "resnet20", "digits")
-    assert os.listdir(tmp_path / "taken") == ["config.json"]
+    (tmp_path / "taken" / "metrics.csv").write_text("epoch\n")
+    with pytest.raises(ReslabError, match=r"already holds a run \(metrics.csv\)"):
+        claim_run_dir(str(tmp_path / "taken"), "resnet20", "digits")
+    assert os.listdir(tmp_path / "taken") == ["metrics.csv"]

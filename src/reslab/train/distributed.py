@@ -1,35 +1,40 @@
-"""Several processes, one model: DistributedDataParallel under torchrun (NCCL on GPUs, gloo on CPUs).
+"""Several processes, one model: what reslab adds to torchrun and DistributedDataParallel.
 
-The trainer runs the same code with one process or many. Under `torchrun` (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT in the environment) `init()` joins the process group; the
-returned `DistContext` then answers "am I rank 0?" (only rank 0 writes the run directory, the
-progress bar and the plots), sums metrics over ranks, and keeps decisions (stop early, stop on
-NaN) identical on every rank so no rank waits in a collective the others never reach.
+torchrun starts the processes, gives each its RANK, WORLD_SIZE, LOCAL_RANK and a meeting point,
+and ends every rank when one fails; `reslab train --nproc N` calls the same launcher through its
+Python API (`launch`). What is left to reslab:
 
-Batch semantics: `--batch-size` is the global batch, split evenly over the processes, so N
-processes train exactly as one would (with `--sync-bn`, even the BatchNorm statistics are those
-of the global batch). `--scale-lr` means instead "the batch and lr were tuned for one process":
-the batch is per process and the lr is multiplied by the number of processes, the linear
-scaling rule of Goyal et al., "Accurate, Large Minibatch SGD" (2017), section 2.1.
-
-Every collective has a timeout (`--dist-timeout`, else $RESLAB_DIST_TIMEOUT, else 600 s), so a
-rank that stops answering ends the job with an error instead of a hang; a rank that *dies* ends
-it at once (the torchrun agent stops the others).
+- `DistContext`: "am I rank 0?" (only rank 0 writes the run directory, the progress bar and the
+  plots), sums of metrics over ranks, and decisions (stop early, stop on NaN) that are identical on
+  every rank, so no rank waits in a collective the others never reach;
+- batch semantics (`plan_batches`): `--batch-size` is the global batch, split evenly over the
+  processes, so N processes train exactly as one would (with `--sync-bn`, even the BatchNorm
+  statistics are the global batch's: see reslab.train.sync_bn). `--scale-lr` means instead "the
+  batch and lr were tuned for one process": the batch is per process and the lr is multiplied by
+  the number of processes, the linear scaling rule of Goyal et al., "Accurate, Large Minibatch
+  SGD" (2017), section 2.1;
+- a timeout on every collective (`--dist-timeout`, else $RESLAB_DIST_TIMEOUT, else 600 s), so a
+  rank that stops answering ends the job with an error instead of a hang;
+- one-line errors: a rank that fails records its error in torchrun's error file before its peers
+  can notice, and a rank that only lost contact with it says so in one line, so the failing rank
+  is the one named.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 import sys
-import time
+import tempfile
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,12 +46,7 @@ from reslab.errors import ReslabError
 
 DEFAULT_TIMEOUT = 600.0  # seconds; NCCL's own default, and far above one epoch's checkpoint write
 TIMEOUT_ENV = "RESLAB_DIST_TIMEOUT"
-# A test hook: the rank named here raises after a training step (see maybe_inject_crash).
-CRASH_ENV, CRASH_STEP_ENV = "RESLAB_TEST_CRASH_RANK", "RESLAB_TEST_CRASH_STEP"
-CASUALTY_GRACE = 5.0  # seconds a rank that lost a peer waits before it reports (see session)
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# Devices whose tensors torch.nn.SyncBatchNorm accepts; elsewhere (CPU with gloo) reslab's own.
-_TORCH_SYNC_BN_DEVICES = ("cuda", "hpu", "xpu")
 
 
 def torchrun_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
@@ -102,9 +102,8 @@ class BatchPlan:
 
 
 def plan_batches(batch_size: int, lr: float, world_size: int, *, scale_lr: bool = False) -> BatchPlan:
-    """What `--batch-size`/`--lr` mean on `world_size` processes (see the module docstring)."""
-    if batch_size < 1:
-        raise ReslabError(f"--batch-size must be at least 1, got {batch_size}")
+    """What `--batch-size`/`--lr` mean on `world_size` processes (see the module docstring).
+    `batch_size` is already checked (TrainConfig.resolve); whether it splits is checked here."""
     if scale_lr:
         # Goyal et al. 2017, section 2.1: "When the minibatch size is multiplied by k, multiply
         # the learning rate by k."
@@ -227,15 +226,10 @@ def shutdown(ctx: DistContext) -> None:
 class CollectiveError(ReslabError):
     """A collective failed on this rank because another rank died or stopped answering.
 
-    Not the root cause (that rank prints its own error), so it is one line with its own exit code,
-    which lets `launch` name the rank that really failed.
+    Not the root cause (that rank prints its own error), so it is one line with its own exit code.
     """
 
     exit_code = 3
-
-    def __init__(self, message: str, *, timed_out: bool = False):
-        super().__init__(message)
-        self.timed_out = timed_out
 
 
 def _collective_failure(err: BaseException, ctx: DistContext, timeout: float) -> CollectiveError | None:
@@ -246,8 +240,7 @@ def _collective_failure(err: BaseException, ctx: DistContext, timeout: float) ->
     if "timed out" in text.lower() or "timeout" in text.lower():
         return CollectiveError(
             f"rank {ctx.rank}: a collective operation waited more than {timeout:g} s for another rank; "
-            f"see that rank's output, or raise --dist-timeout / ${TIMEOUT_ENV} if a step is that slow",
-            timed_out=True,
+            f"see that rank's output, or raise --dist-timeout / ${TIMEOUT_ENV} if a step is that slow"
         )
     return CollectiveError(
         f"rank {ctx.rank}: lost contact with another rank during a collective operation "
@@ -264,104 +257,19 @@ def session(device: str | torch.device = "cpu", timeout: float | None = None) ->
     try:
         yield ctx
     except Exception as err:
-        failure = _collective_failure(err, ctx, seconds) if ctx.enabled else None
-        if failure is None:
-            raise
-        if not failure.timed_out:
-            # Give the launcher time to see the rank that really failed exit first (it then stops
-            # this one), so that rank is the one named as the root cause.
-            time.sleep(CASUALTY_GRACE)
-        raise failure from err
+        lost_peer = _collective_failure(err, ctx, seconds) if ctx.enabled else None
+        if lost_peer is not None:
+            raise lost_peer from err
+        if ctx.enabled:
+            # Into torchrun's error file ($TORCHELASTIC_ERROR_FILE) *before* the group is torn down
+            # below: the other ranks can only notice this failure after that, so the launcher finds
+            # this rank's record and names it, whichever rank's exit it happens to see first.
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(err)
+        raise
     finally:
         shutdown(ctx)
-
-
-# --- the model -------------------------------------------------------------------------------
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients.
-
-    Rank r's loss L_r reaches the other ranks' activations through the shared statistics, so the
-    gradient w.r.t. rank r's share is d(sum_q L_q)/d(share_r): the all-reduce of the gradients.
-    DDP's averaging then divides by the world size, as torch.nn.SyncBatchNorm's backward does.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GlooSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d over the global batch for tensors torch.nn.SyncBatchNorm refuses (CPU, gloo).
-
-    BatchNorm's statistics are those of the mini-batch (Ioffe & Szegedy 2015, algorithm 1); with
-    the batch split over ranks, syncing them makes N processes compute what one process would on
-    the whole batch. Moments are summed in float64 so that E[x^2] - E[x]^2 loses nothing.
-    Same parameters, buffers and state-dict keys as nn.BatchNorm2d.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        synced = self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not synced:
-            return super().forward(x)
-        channels = x.shape[1]
-        x64 = x.double()
-        count = torch.full((1,), x.numel() / channels, dtype=torch.float64, device=x.device)
-        moments = torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), count])
-        moments = _AllReduceSum.apply(moments)
-        n = moments[-1]
-        mean = moments[:channels] / n
-        var = (moments[channels : 2 * channels] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), float(n.detach()))
-        shape = (1, channels, 1, 1)
-        y = (x64 - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.double().view(shape) + self.bias.double().view(shape)
-        return y.to(x.dtype)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        # Running variance is the unbiased estimate, as in nn.BatchNorm2d.
-        unbiased = var * (n / max(n - 1.0, 1.0))
-        self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
-        self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
-
-
-def convert_sync_batchnorm(model: nn.Module, device: str | torch.device) -> nn.Module:
-    """Every trainable BatchNorm2d synced over ranks: torch's SyncBatchNorm on GPUs,
-    GlooSyncBatchNorm on CPUs. The parameters and buffers are the same tensors (an optimizer built
-    before keeps working); frozen BatchNorm (reslab.transfer's subclass, kept in eval) is left alone.
-    """
-    cls = nn.SyncBatchNorm if torch.device(device).type in _TORCH_SYNC_BN_DEVICES else GlooSyncBatchNorm
-    return _convert(model, cls)
-
-
-def _convert(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    if type(module) is nn.BatchNorm2d:
-        synced = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-        if module.affine:
-            synced.weight, synced.bias = module.weight, module.bias
-        if module.track_running_stats:
-            synced.running_mean, synced.running_var = module.running_mean, module.running_var
-            synced.num_batches_tracked = module.num_batches_tracked
-        synced.train(module.training)
-        return synced
-    for name, child in module.named_children():
-        module.add_module(name, _convert(child, cls))
-    return module
 
 
 def wrap(model: nn.Module, ctx: DistContext, *, sync_bn: bool = False) -> nn.Module:
@@ -370,6 +278,8 @@ def wrap(model: nn.Module, ctx: DistContext, *, sync_bn: bool = False) -> nn.Mod
         return model
     device = next(model.parameters()).device
     if sync_bn and ctx.world_size > 1:
+        from reslab.train.sync_bn import convert_sync_batchnorm
+
         model = convert_sync_batchnorm(model, device)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -383,33 +293,22 @@ def shard_indices(n: int, ctx: DistContext) -> torch.Tensor:
     return torch.arange(ctx.rank, n, ctx.world_size)
 
 
-def maybe_inject_crash(ctx: DistContext, step: int = 1) -> None:
-    """Test hook: rank $RESLAB_TEST_CRASH_RANK raises after training step $RESLAB_TEST_CRASH_STEP
-    (1-based, counted over the whole run; default 1). The crash tests use it; unset, it is inert."""
-    target = os.environ.get(CRASH_ENV)
-    if target is None or target.strip() != str(ctx.rank):
-        return
-    at = int(os.environ.get(CRASH_STEP_ENV, "1"))
-    if step == at:
-        raise RuntimeError(f"crash injected on rank {ctx.rank} at step {step} by {CRASH_ENV}={target}")
-
-
 # --- launching -------------------------------------------------------------------------------
 
 
 def run(train: Callable, config: Any, **kwargs: Any) -> dict:
     """`train(config, ctx=..., **kwargs)` in the processes `config` asks for: this one, `config.nproc`
-    spawned on this machine (`reslab train --nproc N`), or under torchrun its own rank of the job.
+    launched on this machine (`reslab train --nproc N`), or under torchrun its own rank of the job.
 
-    `config` needs `nproc`, `device` and `dist_timeout` (TrainConfig has them). Spawned ranks
-    receive `config` alone: `kwargs` (callbacks) stay in a single process.
+    `config` needs `nproc`, `device` and `dist_timeout` (TrainConfig has them). Launched ranks
+    receive `kwargs` too (pickled: callbacks must be module-level functions or partials of them).
     """
     env = torchrun_env()
     if env is None and config.nproc > 1:
         if not config.resume:  # refuse a batch that does not split here, once, not on every rank
             resolved = config.resolve()
             plan_batches(resolved.batch_size, resolved.lr, config.nproc, scale_lr=resolved.scale_lr)
-        return launch(config.nproc, train, config)
+        return launch(config.nproc, functools.partial(train, **kwargs), config)
     if env is not None and config.nproc > 1 and config.nproc != env["world_size"]:
         raise ReslabError(
             f"--nproc {config.nproc} under torchrun, which started {env['world_size']} processes; "
@@ -422,9 +321,12 @@ def run(train: Callable, config: Any, **kwargs: Any) -> dict:
 
 
 def _rank_entry(fn: Callable, *args: Any) -> Any:
-    """Runs in each spawned process and prints its own error, tagged with its rank: a person's error
-    as one line (exit code 2 as on the command line), a bug with its traceback (exit code 1)."""
-    rank = os.environ.get("RANK", "?")
+    """Runs in each launched process and prints its own error, tagged with its rank: a person's
+    error as one line (exit code 2 as on the command line), a bug with its traceback (exit code 1)."""
+    rank, world_size = os.environ.get("RANK", "?"), int(os.environ.get("WORLD_SIZE", "1"))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # As torchrun does: N processes with all cores each would oversubscribe the CPU.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         return fn(*args)
     except ReslabError as err:
@@ -438,65 +340,54 @@ def _rank_entry(fn: Callable, *args: Any) -> Any:
 
 
 def launch(nproc: int, fn: Callable, *args: Any) -> Any:
-    """Run `fn(*args)` in `nproc` processes on this machine (torchrun --standalone), return rank 0's
-    result. `fn` must be importable (spawned processes import it) and `args` picklable.
+    """Run `fn(*args)` in `nproc` processes on this machine (torchrun --standalone, through its API),
+    return rank 0's result. `fn` must be importable (the processes import it) and `args` picklable.
 
-    A rank that fails ends the job: the torchrun agent stops the others, the failing rank prints
-    its error, and this raises a one-line ReslabError naming that rank.
+    A rank that fails ends the job: torch's agent stops the others, the failing rank prints its
+    error, and this raises a one-line ReslabError naming that rank.
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ReslabError(f"--nproc must be a positive integer, got {nproc!r}")
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"reslab-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",  # what torchrun --standalone uses: a local store on a free port
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=0,  # a crashed step is not retried behind the user's back
-        monitor_interval=0.1,
-        start_method="spawn",
-    )
-    env = {}
-    if "OMP_NUM_THREADS" not in os.environ:
-        # As torchrun does: N processes with all cores each would oversubscribe the CPU.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    with _patched_environ(env), _quiet_agent():
+    # The agent keeps each rank's error file under its log folder; its default is a fresh
+    # /tmp/torchelastic_* folder per launch that nothing ever removes.
+    with tempfile.TemporaryDirectory(prefix="reslab-launch-") as logs, _quiet_agent():
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id=f"reslab-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d",  # what torchrun --standalone uses: a local store on a free port
+            rdzv_endpoint="127.0.0.1:0",
+            max_restarts=0,  # a crashed step is not retried behind the user's back
+            monitor_interval=0.1,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+        )
         try:
-            results = elastic_launch(config, _rank_entry)(fn, *args)
+            return elastic_launch(config, _rank_entry)(fn, *args)[0]
         except ChildFailedError as err:
-            rank, failure = _root_failure(err)
-            raise ReslabError(
-                f"process {rank} of {nproc} failed (exit code {failure.exitcode}); its error is printed above"
-            ) from None
-    return results[0]
+            raise ReslabError(_failure_line(err, nproc, Path(logs))) from None
 
 
-def _root_failure(err) -> tuple[int, Any]:
-    """The failing rank that is not just a casualty of another's failure (CollectiveError's code)."""
-    failures = sorted(
-        err.failures.items(), key=lambda kv: (kv[1].exitcode == CollectiveError.exit_code or kv[1].exitcode < 0, kv[0])
-    )
-    return failures[0]
-
-
-@contextlib.contextmanager
-def _patched_environ(values: dict[str, str]) -> Iterator[None]:
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key in values:
-            os.environ.pop(key, None)
+def _failure_line(err: Any, nproc: int, logs: Path) -> str:
+    # The agent reports the first exit it sees, which may be a rank that only lost contact; the
+    # rank that failed is the one that left an error file (see session).
+    recorded = sorted(int(path.parent.name) for path in logs.glob("*/attempt_*/*/error.json"))
+    if recorded:
+        return f"process {recorded[0]} of {nproc} failed; its error is printed above"
+    rank, failure = min(err.failures.items())
+    return f"process {rank} of {nproc} failed (exit code {failure.exitcode}); its error is printed above"
 
 
 @contextlib.contextmanager
 def _quiet_agent() -> Iterator[None]:
-    # The agent logs every failed rank's exit status and traceback again; the ranks have already
-    # printed their own errors, so only its critical messages stay.
+    # The agent logs every failed rank's exit status and traceback again, after the rank printed
+    # its own error. LaunchConfig has no option for that, and torch reads $LOGLEVEL only when it
+    # first imports these modules, so their levels are set here for the launch.
     loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -1,6 +1,11 @@
-"""The training loop: readable top to bottom, one flat step, a checkpoint as a plain dict.
+"""The training loop: set up once, then epochs of flat steps; a checkpoint is a plain dict.
 
     summary = train(TrainConfig(model="resnet20", data="digits"))
+
+`train` claims the run directory, builds everything once (`_setup`: data, model, optimizer,
+loaders, the resume state), then runs epochs: `train_one_epoch` (the steps), `evaluate` (loss
+and accuracy over every rank's shard) and `_end_epoch` (metrics row, best weights, early stop,
+files). The step itself is `make_step`: forward under autocast, loss, backward, step.
 
 Exact resume: every random thing in an epoch is a pure function of (seed, epoch) (the loader),
 the lr is a pure function of the step (schedule.py), and the state holds the weights, optimizer,
@@ -15,8 +20,10 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +37,7 @@ from reslab.train import state as run_files
 from reslab.train.config import TrainConfig
 from reslab.train.distributed import DistContext
 from reslab.train.schedule import lr_multiplier, set_lr
+from reslab.train.state import EpochRow, PartialEpoch, Progress
 
 # Host syncs (loss to Python for the progress bar and the NaN check) happen once per this many
 # steps; a GPU step then never waits on the host.
@@ -64,8 +72,8 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: 
     """One optimizer step as a function `step(x, y) -> (loss, correct)`, both 0-dim tensors on the device.
 
     Forward under bf16 autocast when `precision == "bf16"` (weights and the optimizer stay fp32),
-    backward, optional global-norm clipping, step, zero_grad(set_to_none). No `.item()`: the
-    caller decides when to sync.
+    `loss_fn(logits, y)`, backward, optional global-norm clipping, step, zero_grad(set_to_none).
+    No `.item()`: the caller decides when to sync.
     """
     device_type = next(model.parameters()).device.type
     autocast = precision == "bf16"
@@ -100,6 +108,15 @@ def evaluate_sums(model: nn.Module, loader, precision: str) -> torch.Tensor:
     return sums
 
 
+def evaluate(model: nn.Module, loader, precision: str, ctx: DistContext | None = None) -> dict[str, float]:
+    """{"loss", "acc", "count"} over `loader`; with several ranks, over all their shards together."""
+    sums = evaluate_sums(model, loader, precision).tolist()
+    if ctx is not None:
+        sums = list(ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"), sums))).values())
+    loss, correct, count = sums
+    return {"loss": loss / count, "acc": correct / count, "count": count}
+
+
 @contextlib.contextmanager
 def sigint_flag():
     """Ctrl-C sets a flag (the loop finishes its step and checkpoints); a second Ctrl-C aborts."""
@@ -119,7 +136,7 @@ def sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
-class _Progress:
+class _Bar:
     """A rich bar per epoch and one line per epoch that stays; silent on ranks > 0 and with --quiet."""
 
     def __init__(self, enabled: bool):
@@ -163,27 +180,36 @@ class _Progress:
             self.console.print(line, highlight=False, soft_wrap=True)
 
 
-def _fmt(value: float | None, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
+@dataclass
+class Run:
+    """What `_setup` builds once for the epochs."""
 
+    cfg: TrainConfig
+    ctx: DistContext
+    dir: Path
+    progress: Progress
+    model: nn.Module  # the bare model: what checkpoints hold
+    train_model: nn.Module  # `model` as trained: under DDP and torch.compile when asked
+    optimizer: torch.optim.Optimizer
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    loader: Any  # reslab.data.BatchLoader, this rank's share of every batch
+    val_loader: Any | None
+    test_loader: Any | None
+    device: torch.device
+    precision: str
+    channels_last: bool
+    weights_meta: dict  # what every weights file says about itself (CheckpointMeta fields)
 
-def _load_resume(config: TrainConfig) -> tuple[TrainConfig, dict, Path]:
-    import json
+    def set_lr(self, step: int) -> float:
+        """The lr of global step `step` (0-based) set on the optimizer; returns the first group's."""
+        steps = len(self.loader)
+        warmup = round(self.cfg.warmup_epochs * steps)
+        return set_lr(self.optimizer, lr_multiplier(self.cfg.schedule, step, self.cfg.epochs * steps, warmup))
 
-    run_dir = Path(config.resume)
-    state = run_files.load_state(run_dir)
-    try:
-        saved = json.loads((run_dir / run_files.CONFIG).read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        raise ReslabError(f"--resume {run_dir}: {run_files.CONFIG} is damaged; the run cannot be resumed") from None
-    cfg = TrainConfig.from_dict(saved)
-    cfg.resume, cfg.quiet, cfg.out = str(run_dir), config.quiet, str(run_dir)
-    cfg.nproc, cfg.dist_timeout = config.nproc, config.dist_timeout  # may differ from the first run's
-    if config.epochs is not None and config.epochs != cfg.epochs:
-        # A new length: the lr schedule stretches to it (so this resume is not exact by design).
-        cfg.epochs = config.epochs
-        cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs)
-    return cfg.resolve(), state, run_dir
+    def meta(self, epoch: int, val_acc: float | None) -> CheckpointMeta:
+        extra = {"epoch": epoch, "val_acc": val_acc, "data": self.cfg.data, "seed": self.cfg.seed,
+                 "val_split": self.cfg.val_split, "run": self.dir.name}
+        return CheckpointMeta(**self.weights_meta, extra=extra)
 
 
 def train(config: TrainConfig, *, ctx: DistContext | None = None,
@@ -193,75 +219,186 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     `stop(epoch, step)` (1-based) is asked after every step; True acts as Ctrl-C would: finish the
     step, checkpoint, return with summary["interrupted"] set. Only rank 0 of `ctx` writes files.
     """
-    if ctx is None:  # this process alone, `nproc` spawned ones, or this rank of torchrun's job
+    if ctx is None:  # this process alone, `nproc` launched ones, or this rank of torchrun's job
         return distributed.run(train, config, stop=stop)
-    if config.resume:
-        cfg, state, run_dir = _load_resume(config)
-    else:
-        cfg, state = config.resolve(), None
-        # Rank 0 names the run (a timestamp) and checks --out; every rank uses its answer.
-        run_dir = ctx.broadcast(run_files.new_run_dir(cfg.out, cfg.model, cfg.data) if ctx.is_main else None)
-    main = ctx.is_main
+    with _run_directory(config, ctx) as (cfg, run_dir, state):
+        run = _setup(cfg, ctx, run_dir, state)
+        p = run.progress
+        with sigint_flag() as interrupted, _Bar(ctx.is_main and not cfg.quiet) as bar:
+
+            def halt(step: int) -> bool:
+                return interrupted.is_set() or (stop is not None and stop(p.epoch + 1, step))
+
+            if state is None and cfg.resume:
+                bar.print(f"{run_dir} holds no checkpoint yet ({run_files.CONFIG} only): starting at step 1")
+            elif state is not None:
+                bar.print(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
+            while p.stopped == "running" and p.epoch < cfg.epochs:
+                trained = train_one_epoch(run, halt, bar)
+                if trained is None:  # stopped after a step, checkpointed
+                    break
+                val = evaluate(run.model, run.val_loader, run.precision, ctx) if run.val_loader else None
+                _end_epoch(run, trained, val, bar)
+        return _finish(run)
+
+
+def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[str, float] | None:
+    """The epoch's steps (the rest of them when resuming mid-epoch); returns {"loss", "acc", "lr",
+    "seconds"} over all ranks, or None when `halt(step)` stopped it (then progress holds the
+    partial sums and the checkpoint is written)."""
+    p, ctx = run.progress, run.ctx
+    run.loader.set_epoch(p.epoch)
+    run.train_model.train()
+    # An interrupted epoch's partial sums are all ranks' (see the end); rank 0 alone carries them on.
+    before = p.partial
+    loss_correct = torch.tensor([before.loss, before.correct] if ctx.is_main else [0.0, 0.0], dtype=torch.float64,
+                                device=run.device)
+    count = before.count if ctx.is_main else 0.0
+    first_bad = torch.tensor(-1, device=run.device)  # step of the first non-finite loss; read every SYNC_EVERY
+    bar.start_epoch(f"{p.epoch + 1}/{run.cfg.epochs}", len(run.loader), p.step_in_epoch)
+    start = time.perf_counter()
+    lr, halted = run.set_lr(p.global_step), False
+    for i, (x, y) in enumerate(run.loader):
+        if i < p.step_in_epoch:  # resuming mid-epoch: the same batches, already trained on
+            continue
+        lr = run.set_lr(p.global_step)
+        loss, correct = run.step(x, y)
+        loss_correct += torch.stack([loss.double() * len(y), correct.double()])
+        count += len(y)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
+        p.global_step, p.step_in_epoch = p.global_step + 1, i + 1
+        halted = ctx.any(halt(i + 1))  # every rank stops at the same step
+        if halted or (i + 1) % SYNC_EVERY == 0 or i + 1 == len(run.loader):
+            _stop_if_not_finite(run, int(first_bad), lr)
+            loss_sum, correct_sum = loss_correct.tolist()
+            elapsed = before.seconds + time.perf_counter() - start
+            bar.update(i + 1, loss_sum / count, correct_sum / count, count / max(elapsed, 1e-9))
+        if halted:
+            break
+    seconds = time.perf_counter() - start
+    loss_sum, correct_sum = loss_correct.tolist()
+    totals = ctx.all_reduce_sums({"loss": loss_sum, "correct": correct_sum, "count": count})
+    p.train_seconds += seconds
+    p.train_images += totals["count"] - before.count
+    seconds += before.seconds
+    if halted:
+        p.partial, p.stopped = PartialEpoch(totals["loss"], totals["correct"], totals["count"], seconds), "interrupted"
+        if ctx.is_main:
+            _checkpoint(run)
+        return None
+    return {"loss": totals["loss"] / totals["count"], "acc": totals["correct"] / totals["count"], "lr": lr,
+            "seconds": seconds}
+
+
+def _stop_if_not_finite(run: Run, bad_step: int, lr: float) -> None:
+    if run.ctx.any(bad_step >= 0):
+        raise ReslabError(f"the loss became NaN or infinite at epoch {run.progress.epoch + 1}, step {bad_step} "
+                          f"(lr {lr:.4g}); lower the lr (--lr, now {run.cfg.lr:g}) or add --grad-clip 1; "
+                          f"the last good checkpoint in {run.dir} is untouched")
+
+
+def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None, bar: _Bar) -> None:
+    """Record a finished epoch: its metrics row, the best weights, early stopping, the run's files."""
+    p, cfg = run.progress, run.cfg
+    p.epoch, p.step_in_epoch, p.partial = p.epoch + 1, 0, PartialEpoch()
+    row = EpochRow(epoch=p.epoch, lr=trained["lr"], train_loss=trained["loss"], train_acc=trained["acc"],
+                   val_loss=val["loss"] if val else None, val_acc=val["acc"] if val else None,
+                   seconds=round(trained["seconds"], 3))
+    p.rows.append(row)
+    improved = row.val_acc is not None and (p.best_val_acc is None or row.val_acc > p.best_val_acc)
+    if improved:
+        p.best_val_acc, p.best_epoch, p.bad_epochs = row.val_acc, row.epoch, 0
+    elif row.val_acc is not None:
+        p.bad_epochs += 1
+    if cfg.early_stop is not None and p.bad_epochs >= cfg.early_stop:
+        p.stopped = "early_stop"
+    elif p.epoch >= cfg.epochs:
+        p.stopped = "completed"
+    if run.ctx.is_main:
+        if improved or run.val_loader is None:  # no validation data: the best weights are the last ones
+            save_weights(run.dir / BEST, run.model, run.meta(row.epoch, row.val_acc))
+        _checkpoint(run)
+        _write_records(run)
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    bar.end_epoch(f"epoch {row.epoch}/{cfg.epochs}  lr {row.lr:.4g}  train loss {row.train_loss:.4f} "
+                  f"acc {row.train_acc:.4f}  val loss {fmt(row.val_loss)} acc {fmt(row.val_acc)}  {row.seconds:.1f}s")
+    if p.stopped == "early_stop":
+        bar.print(f"early stop: no better validation accuracy for {cfg.early_stop} epochs "
+                  f"(best {p.best_val_acc:.4f} at epoch {p.best_epoch})")
+
+
+def _finish(run: Run) -> dict:
+    """The summary, also in summary.json; a run that reached its end is first tested on its best weights."""
+    p, ctx = run.progress, run.ctx
+    test = None
+    if p.stopped != "interrupted" and run.test_loader is not None:
+        if ctx.broadcast(p.best_epoch is not None and (run.dir / BEST).is_file()):
+            if ctx.is_main:
+                run.model.load_state_dict(read_weights(run.dir / BEST)[0])
+            ctx.broadcast_state(run.model)
+        test = evaluate(run.model, run.test_loader, run.precision, ctx)
+    result = _summary(run, test)
+    if ctx.is_main:
+        write_json(run.dir / run_files.SUMMARY, result)
+    return result
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _run_directory(config: TrainConfig, ctx: DistContext) -> Iterator[tuple[TrainConfig, Path, dict | None]]:
+    """The resolved config, the run directory and its resume state (None: start at step 1), while
+    rank 0 holds the directory's lock (reslab.train.state.RunLock)."""
+    with contextlib.ExitStack() as held:
+        if config.resume:
+            run_dir = Path(config.resume)
+            saved = None
+            if ctx.is_main:
+                saved = run_files.read_config(run_dir)  # refuses a folder that holds no run
+                held.enter_context(run_files.RunLock(run_dir, "--resume"))
+                run_files.remove_partial_writes(run_dir)
+            cfg = _resumed_config(config, ctx.broadcast(saved), run_dir)
+            state = run_files.load_state(run_dir)  # every rank, once rank 0 holds the lock
+        else:
+            cfg, state, run_dir = config.resolve(), None, None
+            if ctx.is_main:  # rank 0 names the run (a timestamp) and checks --out; every rank uses its answer
+                run_dir, lock = run_files.claim_run_dir(cfg.out, cfg.model, cfg.data)
+                held.enter_context(lock)
+            run_dir = ctx.broadcast(run_dir)
+        yield cfg, run_dir, state
+
+
+def _resumed_config(config: TrainConfig, saved: dict, run_dir: Path) -> TrainConfig:
+    """The run's saved config, with what --resume may change (reslab.cli.train.RESUME_OPTIONS)."""
+    cfg = TrainConfig.from_dict(saved)
+    cfg.resume, cfg.quiet, cfg.out = str(run_dir), config.quiet, str(run_dir)
+    cfg.nproc, cfg.dist_timeout = config.nproc, config.dist_timeout  # may differ from the first run's
+    if config.device is not None:
+        cfg.device = config.device
+    if config.epochs is not None and config.epochs != cfg.epochs:
+        # A new length: the lr schedule stretches to it (so this resume is not exact by design).
+        cfg.epochs = config.epochs
+        cfg.warmup_epochs = min(cfg.warmup_epochs, cfg.epochs)
+    return cfg.resolve()
+
+
+def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) -> Run:
+    """Data, model, optimizer, step and loaders, built once; the resume state loaded; config.json written."""
     device = ctx.device(cfg.device or default_device())
     precision = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else train_channels_last(precision, device)
-
-    from reslab.data import BatchLoader, load_data
-    from reslab.models import create_model, get_model_spec
-
-    spec = get_model_spec(cfg.model)
-    with ctx.local_main_first():  # one download or decode cache per machine
-        bundle = load_data(cfg.data, image_size=cfg.image_size or spec.image_size, val_split=cfg.val_split,
-                           seed=cfg.seed, data_dir=cfg.data_dir, quiet=cfg.quiet or not main)
-    if cfg.batch_size > len(bundle.train):
-        raise ReslabError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(bundle.train)} "
-                          f"images of {cfg.data}); give at most {len(bundle.train)}")
-    if cfg.early_stop is not None and bundle.val is None:
-        raise ReslabError(f"--early-stop watches validation accuracy but {cfg.data} has no validation split; "
-                          "add --val-split (e.g. 0.1)")
-
-    torch.manual_seed(cfg.seed)
-    model_options = {"in_channels": bundle.in_channels}
-    if cfg.shortcut is not None:
-        model_options["shortcut"] = cfg.shortcut
-    if cfg.pretrained:
-        from reslab.transfer import model_options_for
-
-        # Keras weights need stride_in_1x1=True; a reslab checkpoint brings its own options.
-        model_options = {**model_options_for(cfg.pretrained), **model_options}
-    model = create_model(cfg.model, num_classes=len(bundle.classes), **model_options)
-    reports = {}
-    if cfg.pretrained:
-        from reslab.transfer import load_pretrained
-
-        reports["pretrained"] = load_pretrained(model, cfg.pretrained, model_name=cfg.model,
-                                                sha256=cfg.pretrained_sha256, quiet=cfg.quiet or not main)
-        if cfg.freeze:
-            from reslab.transfer import freeze
-
-            reports["freeze"] = freeze(model, cfg.freeze)
+    bundle = _load_data(cfg, ctx)
+    model, model_options, reports = _build_model(cfg, bundle, quiet=cfg.quiet or not ctx.is_main)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     # --batch-size is global (split over ranks) unless --scale-lr: see reslab.train.distributed.
     plan = distributed.plan_batches(cfg.batch_size, cfg.lr, ctx.world_size, scale_lr=cfg.scale_lr)
     optimizer = build_optimizer(model, dataclasses.replace(cfg, lr=plan.lr))
-
-    per_rank_batch = plan.per_rank_batch
-    augment = cfg.augment or bundle.augment
-    loader_options = dict(mean=bundle.mean, std=bundle.std, device=device, channels_last=channels_last)
-    # A last batch of one example would make BatchNorm's batch variance undefined; drop just that.
-    per_rank = -(-len(bundle.train) // ctx.world_size)
-    loader = BatchLoader(bundle.train, per_rank_batch, shuffle=True, seed=cfg.seed, augment=augment,
-                         drop_last=per_rank % per_rank_batch == 1, rank=ctx.rank, world_size=ctx.world_size,
-                         **loader_options)
-
-    def eval_loader(split):
-        # Disjoint, unpadded shards: every example counted once (the sums are reduced afterwards).
-        shard = split if ctx.world_size == 1 else split.subset(distributed.shard_indices(len(split), ctx))
-        return BatchLoader(shard, max(per_rank_batch, 256), shuffle=False, **loader_options)
-
-    val_loader = eval_loader(bundle.val) if bundle.val is not None else None
     train_model = model
     if ctx.enabled and ctx.world_size > 1:
         train_model = distributed.wrap(model, ctx, sync_bn=cfg.sync_bn)
@@ -270,168 +407,125 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     step = make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip,
                      loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
 
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    progress_state = dict(epoch=0, step_in_epoch=0, global_step=0, partial=[0.0, 0.0, 0.0, 0.0], rows=[],
-                          best_val_acc=None, best_epoch=None, bad_epochs=0, train_seconds=0.0, train_images=0.0,
-                          stopped="running")
+    progress = Progress()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         run_files.set_rng_state(state["rng"])
-        progress_state.update({k: state[k] for k in progress_state if k in state})
+        progress = Progress.from_state(state)
         # An interrupted run goes on; so does a completed one given more --epochs.
-        if progress_state["stopped"] == "interrupted" or (
-                progress_state["stopped"] == "completed" and progress_state["epoch"] < cfg.epochs):
-            progress_state["stopped"] = "running"
-    p = progress_state
-
-    meta_base = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
-                     preprocessing=bundle.preprocessing())
-
-    def meta(epoch: int, val_acc: float | None) -> CheckpointMeta:
-        return CheckpointMeta(**meta_base, extra={"epoch": epoch, "val_acc": val_acc, "data": cfg.data,
-                                                  "seed": cfg.seed, "val_split": cfg.val_split,
-                                                  "run": run_dir.name})
-
-    def checkpoint() -> None:
-        save_weights(run_dir / LAST, model, meta(p["epoch"], p["rows"][-1][5] if p["rows"] else None))
-        run_files.save_state(run_dir / run_files.STATE, {
-            **p, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": run_files.rng_state()})
-
-    def summary(test: dict | None = None) -> dict:
-        rows = p["rows"]
-        return {
-            "model": cfg.model, "data": cfg.data, "epochs": len(rows), "planned_epochs": cfg.epochs,
-            "best_val_acc": p["best_val_acc"], "best_epoch": p["best_epoch"],
-            "final_val_acc": rows[-1][5] if rows else None,
-            "final_train_acc": rows[-1][3] if rows else None,
-            "test_acc": (test or {}).get("acc"), "test_loss": (test or {}).get("loss"),
-            "train_seconds": round(p["train_seconds"], 3),
-            "images_per_second": round(p["train_images"] / p["train_seconds"], 1) if p["train_seconds"] else None,
-            "precision": precision, "channels_last": channels_last, "device": str(device),
-            "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad),
-            "frozen_params": sum(q.numel() for q in model.parameters() if not q.requires_grad),
-            "stopped": p["stopped"], "interrupted": p["stopped"] == "interrupted", "run_dir": str(run_dir),
-        }
-
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if progress.stopped == "interrupted" or (progress.stopped == "completed" and progress.epoch < cfg.epochs):
+            progress.stopped = "running"
+    augment = cfg.augment or bundle.augment
+    loaders = _loaders(cfg, ctx, bundle, plan.per_rank_batch, augment=augment, device=device,
+                       channels_last=channels_last)
+    if ctx.is_main:
         write_json(run_dir / run_files.CONFIG, {
             "config": cfg.to_dict(), "data": bundle.source, "classes": list(bundle.classes),
             "preprocessing": bundle.preprocessing(), "augment": augment, "precision": precision,
             "channels_last": channels_last, "hardware": describe(), "world_size": ctx.world_size, **reports,
         })
-
-    with sigint_flag() as interrupted, _Progress(main and not cfg.quiet) as bar:
-        if state is not None:
-            bar.print(f"resuming {run_dir} at epoch {p['epoch'] + 1}, step {p['step_in_epoch']}")
-        while p["epoch"] < cfg.epochs and p["stopped"] == "running":
-            epoch = p["epoch"]
-            label = f"{epoch + 1}/{cfg.epochs}"
-            loader.set_epoch(epoch)
-            train_model.train()
-            # An interrupted epoch's partial sums are all ranks' (see halt below); rank 0 carries them.
-            sums = torch.tensor(p["partial"][:3] if main else [0.0] * 3, dtype=torch.float64, device=device)
-            epoch_seconds, start_count = p["partial"][3], p["partial"][2]
-            first_bad = torch.tensor(-1, device=device)
-            bar.start_epoch(label, steps_per_epoch, p["step_in_epoch"])
-            start = time.perf_counter()
-            lr = set_lr(optimizer, lr_multiplier(cfg.schedule, p["global_step"], total_steps, warmup_steps))
-            for i, (x, y) in enumerate(loader):
-                if i < p["step_in_epoch"]:  # resuming mid-epoch: the same batches, already trained on
-                    continue
-                lr = set_lr(optimizer, lr_multiplier(cfg.schedule, p["global_step"], total_steps, warmup_steps))
-                loss, correct = step(x, y)
-                sums += torch.stack([loss.double() * len(y), correct.double(),
-                                     torch.tensor(len(y), dtype=torch.float64, device=device)])
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
-                p["global_step"] += 1
-                distributed.maybe_inject_crash(ctx, p["global_step"])
-                p["step_in_epoch"] = i + 1
-                halt = interrupted.is_set() or (stop is not None and stop(epoch + 1, i + 1))
-                halt = ctx.any(halt)  # every rank stops at the same step
-                if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps_per_epoch or halt:
-                    bad = int(first_bad)
-                    if ctx.any(bad >= 0):
-                        raise ReslabError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {bad} "
-                                          f"(lr {lr:.4g}); lower the lr (--lr, now {cfg.lr:g}) or add --grad-clip 1; "
-                                          f"the last good checkpoint in {run_dir} is untouched")
-                    loss_sum, correct_sum, count = sums.tolist()
-                    elapsed = epoch_seconds + time.perf_counter() - start
-                    bar.update(i + 1, loss_sum / count, correct_sum / count, count / max(elapsed, 1e-9))
-                if halt:
-                    seconds = time.perf_counter() - start
-                    partial = list(ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"), sums.tolist()))).values())
-                    p["partial"] = [*partial, epoch_seconds + seconds]
-                    p["train_seconds"] += seconds
-                    p["train_images"] += partial[2] - start_count
-                    p["stopped"] = "interrupted"
-                    if main:
-                        checkpoint()
-                    break
-            if p["stopped"] == "interrupted":
-                break
-            seconds = time.perf_counter() - start
-            totals = ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"), sums.tolist())))
-            p["train_seconds"] += seconds
-            p["train_images"] += totals["count"] - start_count
-            val_loss = val_acc = None
-            if val_loader is not None:
-                v = ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"),
-                                                 evaluate_sums(model, val_loader, precision).tolist())))
-                val_loss, val_acc = v["loss"] / v["count"], v["correct"] / v["count"]
-            p["epoch"], p["step_in_epoch"], p["partial"] = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
-            row = [epoch + 1, lr, totals["loss"] / totals["count"], totals["correct"] / totals["count"],
-                   val_loss, val_acc, round(epoch_seconds + seconds, 3)]
-            p["rows"].append(row)
-            improved = val_acc is not None and (p["best_val_acc"] is None or val_acc > p["best_val_acc"])
-            if improved:
-                p["best_val_acc"], p["best_epoch"], p["bad_epochs"] = val_acc, epoch + 1, 0
-            elif val_acc is not None:
-                p["bad_epochs"] += 1
-            if cfg.early_stop is not None and p["bad_epochs"] >= cfg.early_stop:
-                p["stopped"] = "early_stop"
-            elif p["epoch"] >= cfg.epochs:
-                p["stopped"] = "completed"
-            if main:
-                if improved:
-                    save_weights(run_dir / BEST, model, meta(epoch + 1, val_acc))
-                checkpoint()
-                if val_loader is None:  # no validation data: the best weights are the last ones
-                    save_weights(run_dir / BEST, model, meta(epoch + 1, None))
-                _write_records(run_dir, p["rows"], summary())
-            bar.end_epoch(f"epoch {label}  lr {lr:.4g}  train loss {row[2]:.4f} acc {row[3]:.4f}  "
-                          f"val loss {_fmt(val_loss)} acc {_fmt(val_acc)}  {row[6]:.1f}s")
-            if p["stopped"] == "early_stop":
-                bar.print(f"early stop: no better validation accuracy for {cfg.early_stop} epochs "
-                          f"(best {p['best_val_acc']:.4f} at epoch {p['best_epoch']})")
-
-    if p["stopped"] == "interrupted":
-        result = summary()
-        if main:
-            write_json(run_dir / run_files.SUMMARY, result)
-        return result
-    test = None
-    if bundle.test is not None:
-        if ctx.broadcast(p["best_epoch"] is not None and (run_dir / BEST).is_file()):
-            if main:
-                weights, _ = read_weights(run_dir / BEST)
-                model.load_state_dict(weights)
-            ctx.broadcast_state(model)
-        t = ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"),
-                                         evaluate_sums(model, eval_loader(bundle.test), precision).tolist())))
-        test = {"acc": t["correct"] / t["count"], "loss": t["loss"] / t["count"]}
-    result = summary(test)
-    if main:
-        write_json(run_dir / run_files.SUMMARY, result)
-    return result
+    weights_meta = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
+                        preprocessing=bundle.preprocessing())
+    return Run(cfg=cfg, ctx=ctx, dir=run_dir, progress=progress, model=model, train_model=train_model,
+               optimizer=optimizer, step=step, **loaders, device=device, precision=precision,
+               channels_last=channels_last, weights_meta=weights_meta)
 
 
-def _write_records(run_dir: Path, rows: list[list], summary: dict) -> None:
+def _load_data(cfg: TrainConfig, ctx: DistContext):
+    from reslab.data import load_data
+    from reslab.models import get_model_spec
+
+    with ctx.local_main_first():  # one download or decode cache per machine
+        bundle = load_data(cfg.data, image_size=cfg.image_size or get_model_spec(cfg.model).image_size,
+                           val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir,
+                           quiet=cfg.quiet or not ctx.is_main)
+    if cfg.batch_size > len(bundle.train):
+        raise ReslabError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(bundle.train)} "
+                          f"images of {cfg.data}); give at most {len(bundle.train)}")
+    if cfg.early_stop is not None and bundle.val is None:
+        raise ReslabError(f"--early-stop watches validation accuracy but {cfg.data} has no validation split; "
+                          "add --val-split (e.g. 0.1)")
+    return bundle
+
+
+def _loaders(cfg: TrainConfig, ctx: DistContext, bundle, batch: int, *, augment: str, **options) -> dict:
+    """This rank's training loader (`batch` a step) and its validation and test shards."""
+    from reslab.data import BatchLoader
+
+    options.update(mean=bundle.mean, std=bundle.std)
+    # A last batch of one example would make BatchNorm's batch variance undefined; drop just that.
+    per_rank = -(-len(bundle.train) // ctx.world_size)
+    train = BatchLoader(bundle.train, batch, shuffle=True, seed=cfg.seed, augment=augment,
+                        drop_last=per_rank % batch == 1, rank=ctx.rank, world_size=ctx.world_size, **options)
+
+    def shard(split):
+        if split is None:
+            return None
+        # Disjoint, unpadded shards: every example counted once (the sums are reduced afterwards).
+        mine = split if ctx.world_size == 1 else split.subset(distributed.shard_indices(len(split), ctx))
+        return BatchLoader(mine, max(batch, 256), shuffle=False, **options)
+
+    return {"loader": train, "val_loader": shard(bundle.val), "test_loader": shard(bundle.test)}
+
+
+def _build_model(cfg: TrainConfig, bundle, *, quiet: bool) -> tuple[nn.Module, dict, dict]:
+    """The model (seeded), its create_model options, and the reports of pretrained loading and freezing."""
+    from reslab.models import create_model
+
+    torch.manual_seed(cfg.seed)
+    options = {"in_channels": bundle.in_channels}
+    if cfg.shortcut is not None:
+        options["shortcut"] = cfg.shortcut
+    if cfg.pretrained:
+        from reslab.transfer import model_options_for
+
+        # Keras weights need stride_in_1x1=True; a reslab checkpoint brings its own options.
+        options = {**model_options_for(cfg.pretrained), **options}
+    model = create_model(cfg.model, num_classes=len(bundle.classes), **options)
+    reports = {}
+    if cfg.pretrained:
+        from reslab.transfer import freeze, load_pretrained
+
+        reports["pretrained"] = load_pretrained(model, cfg.pretrained, model_name=cfg.model,
+                                                sha256=cfg.pretrained_sha256, quiet=quiet)
+        if cfg.freeze:
+            reports["freeze"] = freeze(model, cfg.freeze)
+    return model, options, reports
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def _checkpoint(run: Run) -> None:
+    p = run.progress
+    save_weights(run.dir / LAST, run.model, run.meta(p.epoch, p.rows[-1].val_acc if p.rows else None))
+    run_files.save_state(run.dir / run_files.STATE, {**p.to_state(), "model": run.model.state_dict(),
+                                                     "optimizer": run.optimizer.state_dict(),
+                                                     "rng": run_files.rng_state()})
+
+
+def _summary(run: Run, test: dict[str, float] | None = None) -> dict:
+    p, cfg = run.progress, run.cfg
+    last = p.rows[-1] if p.rows else None
+    return {
+        "model": cfg.model, "data": cfg.data, "epochs": len(p.rows), "planned_epochs": cfg.epochs,
+        "best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch,
+        "final_val_acc": last.val_acc if last else None, "final_train_acc": last.train_acc if last else None,
+        "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
+        "train_seconds": round(p.train_seconds, 3),
+        "images_per_second": round(p.train_images / p.train_seconds, 1) if p.train_seconds else None,
+        "precision": run.precision, "channels_last": run.channels_last, "device": str(run.device),
+        "trainable_params": sum(q.numel() for q in run.model.parameters() if q.requires_grad),
+        "frozen_params": sum(q.numel() for q in run.model.parameters() if not q.requires_grad),
+        "stopped": p.stopped, "interrupted": p.stopped == "interrupted", "run_dir": str(run.dir),
+    }
+
+
+def _write_records(run: Run) -> None:
     from reslab import plots
 
-    run_files.write_metrics(run_dir / run_files.METRICS, rows)
-    write_json(run_dir / run_files.SUMMARY, summary)
-    plots.curves(run_dir / run_files.CURVES, rows)
+    rows = run.progress.rows
+    run_files.write_metrics(run.dir / run_files.METRICS, rows)
+    write_json(run.dir / run_files.SUMMARY, _summary(run))
+    plots.curves(run.dir / run_files.CURVES, [row.values() for row in rows])
