@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from reslab.errors import ReslabError
 
@@ -17,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data", help="digits (default), cifar10, cifar100, or an image folder")
     add("--data-dir", help="cache folder for downloads and decoded folders (default $RESLAB_CACHE or "
                            "~/.cache/reslab)")
-    add("--recipe", help="paper (section 4.2: SGD 0.1, lr/10 at 50%% and 75%%) or fast (default: one-cycle, "
-                         "label smoothing)")
+    add("--recipe", help="paper (section 4.2: SGD 0.1, lr/10 at 50%% and 75%%), fast (default: one-cycle, "
+                         "label smoothing) or finetune (--pretrained runs: the head alone first, then every layer "
+                         "with lower lrs for earlier stages)")
     add("--epochs", type=int, help="epochs (recipe default: fast 6, paper 182)")
     add("--batch-size", type=int, help="batch size (recipe default: fast 64, paper 128)")
     add("--lr", type=float, help="peak learning rate (recipe default)")
@@ -43,10 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--shortcut", help="shortcut option A, B or C (paper section 3.3; default: the model's)")
     add("--out", help="run directory (default runs/<model>-<data>-<time>/)")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    add("--pretrained", metavar="SRC", help="start from these weights (see reslab.transfer)")
+    add("--pretrained", metavar="SRC", help="start from these weights: imagenet or cifar10 (the best catalog "
+                                            "weights of --model), a catalog name (MODEL.TAG, `reslab models "
+                                            "--pretrained`), a run, or a checkpoint file or URL")
     add("--pretrained-sha256", help="expected SHA-256 of the --pretrained file")
     add("--freeze", metavar="UNTIL", help="freeze pretrained layers up to this stage (e.g. layer3)")
-    add("--head-lr-mult", type=float, help="learning-rate multiplier of the classifier")
+    add("--head-lr-mult", type=float, help="learning-rate multiplier of the classifier (finetune: 5)")
+    add("--head-epochs", type=int, help="epochs training only the new head, body frozen (finetune: 1)")
+    add("--layer-decay", type=float, help="lr of each earlier stage / the next one's (finetune: 0.5)")
+    add("--aux-logits", action="store_true", default=None,
+        help="GoogLeNet / Inception-v3: train the auxiliary classifiers too (weighted as the papers do)")
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--quiet", action="store_true", default=None, help="no progress bar or epoch lines (for logs)")
     dist = parser.add_argument_group("several processes (DDP; see docs/distributed.md)")
@@ -74,6 +82,12 @@ def config_from_args(args):
         if extra:
             raise ReslabError(f"--resume continues a run with its own settings; drop "
                               f"{', '.join('--' + k.replace('_', '-') for k in extra)} (only --epochs may change)")
+    if "pretrained" in given and "model" not in given:
+        # `--pretrained resnet56.akamaster_cifar10` names its architecture: no need to repeat it.
+        from reslab.weights import get_weights, is_weights_name
+
+        if is_weights_name(given["pretrained"]) and not Path(given["pretrained"]).exists():
+            given["model"] = get_weights(given["pretrained"]).model
     return TrainConfig(**given)
 
 

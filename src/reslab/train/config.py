@@ -16,6 +16,12 @@ Recipe defaults (a field given explicitly always wins):
 | epochs          | 182 (64k iterations, 45k images) | 6                                        |
 
 The paper divides the lr by 10 at 32k and 48k of 64k iterations: 50% and 75% of training.
+
+`finetune` (for `--pretrained` runs; fastai's `fine_tune` shape, Howard and Ruder 2018): the new
+head alone for `head_epochs` with the body frozen (BatchNorm in eval), at lr * head_lr_mult on a
+cosine; then every layer, one-cycle, the last stage at lr and each earlier part (stage, stem) at
+`layer_decay` times the next one's (discriminative learning rates). Its defaults were chosen by
+measurement: benchmarks/RESULTS.md, "Fine-tuning".
 """
 
 from __future__ import annotations
@@ -27,23 +33,32 @@ from dataclasses import dataclass, fields
 from reslab.errors import ReslabError
 from reslab.hardware import PRECISIONS, check_device, check_memory, default_device
 
-RECIPES = ("paper", "fast")
+RECIPES = ("paper", "fast", "finetune")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "onecycle", "cosine", "constant")
 # torch.manual_seed takes 64 bits and numpy's SeedSequence no negatives; a signed int64 suits both
 # and any tensor that stores it.
 SEED_LIMIT = 2**63
 
+# The finetune recipe's defaults (benchmarks/RESULTS.md, "Fine-tuning", measured on cats-vs-dogs-2000).
+FINETUNE_EPOCHS, FINETUNE_HEAD_EPOCHS, FINETUNE_LR = 8, 1, 0.02
+FINETUNE_LAYER_DECAY, FINETUNE_HEAD_LR_MULT = 0.5, 5.0
+
 # Per recipe: the values that fill fields left None (lr and weight decay depend on the optimizer).
 _RECIPE_DEFAULTS = {
     "paper": dict(optimizer="sgd", momentum=0.9, nesterov=False, batch_size=128, schedule="step",
                   label_smoothing=0.0, epochs=182, warmup_epochs=0.0),
     "fast": dict(optimizer="sgd", momentum=0.9, nesterov=True, batch_size=64, schedule="onecycle",
-                 label_smoothing=0.1, epochs=6),
+                 label_smoothing=0.1, epochs=6, head_epochs=0, layer_decay=1.0),
+    "finetune": dict(optimizer="sgd", momentum=0.9, nesterov=True, batch_size=64, schedule="onecycle",
+                     label_smoothing=0.1, epochs=FINETUNE_EPOCHS, head_epochs=FINETUNE_HEAD_EPOCHS,
+                     layer_decay=FINETUNE_LAYER_DECAY, head_lr_mult=FINETUNE_HEAD_LR_MULT),
 }
-_LR = {"paper": {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}, "fast": {"sgd": 0.2, "adam": 3e-3, "adamw": 3e-3}}
+_LR = {"paper": {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}, "fast": {"sgd": 0.2, "adam": 3e-3, "adamw": 3e-3},
+       "finetune": {"sgd": FINETUNE_LR, "adam": 3e-4, "adamw": 3e-4}}
 _WEIGHT_DECAY = {"paper": {"sgd": 1e-4, "adam": 1e-4, "adamw": 1e-4},
-                 "fast": {"sgd": 5e-4, "adam": 5e-4, "adamw": 0.05}}
+                 "fast": {"sgd": 5e-4, "adam": 5e-4, "adamw": 0.05},
+                 "finetune": {"sgd": 5e-4, "adam": 5e-4, "adamw": 0.05}}
 # One-cycle spends this share of training warming up (torch's OneCycleLR defaults to 0.3; short
 # runs such as the 6-epoch default want the annealing half longer); cosine warms up for one epoch.
 ONECYCLE_WARMUP = 0.25
@@ -82,7 +97,10 @@ class TrainConfig:
     pretrained: str | None = None
     pretrained_sha256: str | None = None
     freeze: str | None = None
-    head_lr_mult: float = 1.0
+    head_lr_mult: float | None = None  # None: the recipe's (finetune 5, else 1)
+    head_epochs: int | None = None  # epochs of the head alone, body frozen (finetune 1, else 0)
+    layer_decay: float | None = None  # lr of each earlier part / the next one's (finetune 0.5, else 1)
+    aux_logits: bool = False  # Inception nets' auxiliary classifiers, weighted into the loss
     quiet: bool = False
     device: str | None = None  # None: cuda when available, else cpu
     no_decay_norm_bias: bool | None = None  # None: the recipe's (fast: True, paper: False)
@@ -122,9 +140,13 @@ class TrainConfig:
         if cfg.weight_decay is None:
             cfg.weight_decay = _WEIGHT_DECAY[cfg.recipe][cfg.optimizer]
         if cfg.no_decay_norm_bias is None:
-            cfg.no_decay_norm_bias = cfg.recipe == "fast"
-        if cfg.warmup_epochs is None:
-            cfg.warmup_epochs = ONECYCLE_WARMUP * cfg.epochs if cfg.schedule == "onecycle" else (
+            cfg.no_decay_norm_bias = cfg.recipe != "paper"
+        for key, value in (("head_lr_mult", 1.0), ("head_epochs", 0), ("layer_decay", 1.0)):
+            if getattr(cfg, key) is None:  # the paper recipe: one lr for every layer
+                setattr(cfg, key, value)
+        if cfg.warmup_epochs is None:  # of the epochs after the head epochs (the finetune recipe's)
+            span = cfg.epochs - (cfg.head_epochs if isinstance(cfg.head_epochs, int) else 0)
+            cfg.warmup_epochs = ONECYCLE_WARMUP * span if cfg.schedule == "onecycle" else (
                 1.0 if cfg.schedule == "cosine" else 0.0)
         cfg.check()
         return cfg
@@ -152,7 +174,8 @@ class TrainConfig:
             raise ReslabError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ReslabError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "head_lr_mult"):
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "head_lr_mult",
+                     "layer_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ReslabError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
@@ -180,6 +203,17 @@ class TrainConfig:
         if self.early_stop is not None and self.val_split == 0:
             raise ReslabError("--early-stop watches the validation accuracy, but --val-split 0 leaves no "
                               "validation data; give --val-split > 0 or drop --early-stop")
+        if self.recipe == "finetune" and self.pretrained is None:
+            raise ReslabError("--recipe finetune fine-tunes pretrained weights; give --pretrained SRC (e.g. "
+                              "--pretrained imagenet), or use --recipe fast to train from scratch")
+        if isinstance(self.head_epochs, bool) or not isinstance(self.head_epochs, int) or not (
+                0 <= self.head_epochs < self.epochs):
+            raise ReslabError(f"--head-epochs must be an integer in [0, --epochs {self.epochs}), "
+                              f"got {self.head_epochs!r}")
+        if self.head_epochs and self.pretrained is None:
+            raise ReslabError("--head-epochs trains a new head on pretrained weights; give --pretrained SRC too")
+        if not (isinstance(self.layer_decay, (int, float)) and 0 < self.layer_decay <= 1):
+            raise ReslabError(f"--layer-decay must be in (0, 1], got {self.layer_decay!r}")
         if self.freeze is not None and self.pretrained is None:
             raise ReslabError(f"--freeze {self.freeze} freezes pretrained layers; give --pretrained SRC too")
         if self.pretrained_sha256 is not None and self.pretrained is None:

@@ -272,7 +272,8 @@ def session(device: str | torch.device = "cpu", timeout: float | None = None) ->
         shutdown(ctx)
 
 
-def wrap(model: nn.Module, ctx: DistContext, *, sync_bn: bool = False) -> nn.Module:
+def wrap(model: nn.Module, ctx: DistContext, *, sync_bn: bool = False,
+         find_unused_parameters: bool = False) -> nn.Module:
     """The model as DDP when there is a process group (model already on its device); else as is."""
     if not ctx.enabled:
         return model
@@ -284,7 +285,7 @@ def wrap(model: nn.Module, ctx: DistContext, *, sync_bn: bool = False) -> nn.Mod
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def shard_indices(n: int, ctx: DistContext) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.checkpoint import BEST, LAST, CheckpointMeta, read_weights, save_weights
+from reslab.checkpoint import BEST, LAST, CheckpointMeta, read_weights, save_weights, unwrap
 from reslab.errors import ReslabError
 from reslab.hardware import default_device, describe, resolve_precision, train_channels_last
 from reslab.io import write_json
@@ -46,17 +46,21 @@ SYNC_EVERY = 10
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Groups: weights / norms and biases (fast recipe: no decay, as Goyal et al. 2017 sec. 5.1
-    and timm), and the classifier at lr * head_lr_mult. Frozen parameters are left out."""
+    and timm), the classifier at lr * head_lr_mult, and with `layer_decay` < 1 each earlier part of
+    the body (stage, stem) at layer_decay times the next one's lr (discriminative fine-tuning, Howard
+    and Ruder 2018). Parameters frozen by --freeze are left out."""
     head = {id(p) for p in model.get_classifier().parameters()}
-    groups: dict[tuple[bool, bool], list] = {}
+    depth = _depth_below_top(model) if cfg.layer_decay != 1 else {}
+    groups: dict[tuple[bool, int, bool], list] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
         no_decay = cfg.no_decay_norm_bias and p.ndim <= 1
-        groups.setdefault((id(p) in head and cfg.head_lr_mult != 1, no_decay), []).append(p)
+        is_head = id(p) in head and cfg.head_lr_mult != 1
+        groups.setdefault((is_head, 0 if is_head else depth.get(id(p), 0), no_decay), []).append(p)
     param_groups = []
-    for (is_head, no_decay), params in sorted(groups.items()):
-        lr = cfg.lr * (cfg.head_lr_mult if is_head else 1.0)
+    for (is_head, below, no_decay), params in sorted(groups.items()):
+        lr = cfg.lr * (cfg.head_lr_mult if is_head else cfg.layer_decay**below)
         param_groups.append({"params": params, "lr": lr, "base_lr": lr,
                              "weight_decay": 0.0 if no_decay else cfg.weight_decay})
     if not param_groups:
@@ -65,6 +69,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(param_groups, lr=cfg.lr)
+
+
+def _depth_below_top(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many parts (stages, then the stem) it sits below the last stage."""
+    from reslab.transfer import body_parts
+
+    parts = body_parts(model)  # stem, stage 1 .. stage N, then what follows the last stage
+    last_stage = max(len(parts) - 2, 0)
+    return {id(p): max(last_stage - i, 0) for i, (_, modules) in enumerate(parts) for m in modules
+            for p in m.parameters()}
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str, grad_clip: float | None,
@@ -77,15 +91,21 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: 
     """
     device_type = next(model.parameters()).device.type
     autocast = precision == "bf16"
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters()]
+    # Inception nets with aux_logits return (logits, *aux) in training; the paper weights each
+    # auxiliary loss (GoogLeNet 0.3: Szegedy et al. 2014, section 5).
+    aux_weights = getattr(unwrap(model), "aux_loss_weights", ())
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x)
+            out = model(x)
+            logits = out[0] if isinstance(out, tuple) else out
             loss = loss_fn(logits.float(), y)
+            if isinstance(out, tuple):
+                loss = loss + sum(w * loss_fn(a.float(), y) for w, a in zip(aux_weights, out[1:], strict=True))
         loss.backward()
         if grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, grad_clip)
+            nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach(), (logits.argmax(1) == y).sum()
@@ -201,10 +221,24 @@ class Run:
     weights_meta: dict  # what every weights file says about itself (CheckpointMeta fields)
 
     def set_lr(self, step: int) -> float:
-        """The lr of global step `step` (0-based) set on the optimizer; returns the first group's."""
-        steps = len(self.loader)
-        warmup = round(self.cfg.warmup_epochs * steps)
-        return set_lr(self.optimizer, lr_multiplier(self.cfg.schedule, step, self.cfg.epochs * steps, warmup))
+        """The lr of global step `step` (0-based) set on the optimizer; returns the first group's.
+
+        With head epochs (the finetune recipe) the schedule starts after them; during them only the
+        head trains, on a cosine from its base lr."""
+        steps, cfg = len(self.loader), self.cfg
+        head = cfg.head_epochs * steps
+        if step < head:
+            return set_lr(self.optimizer, lr_multiplier("cosine", step, head))
+        warmup = round(cfg.warmup_epochs * steps)
+        return set_lr(self.optimizer, lr_multiplier(cfg.schedule, step - head, cfg.epochs * steps - head, warmup))
+
+    def set_phase(self, epoch: int) -> None:
+        """The finetune recipe's phases, a pure function of the epoch (so resume is exact): the body
+        frozen, BatchNorm included, for the head epochs; then what --freeze says (default: nothing)."""
+        if self.cfg.head_epochs:
+            from reslab.transfer import freeze
+
+            freeze(self.model, "all-but-head" if epoch < self.cfg.head_epochs else self.cfg.freeze or "none")
 
     def meta(self, epoch: int, val_acc: float | None) -> CheckpointMeta:
         extra = {"epoch": epoch, "val_acc": val_acc, "data": self.cfg.data, "seed": self.cfg.seed,
@@ -249,6 +283,7 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[st
     p, ctx = run.progress, run.ctx
     run.loader.set_epoch(p.epoch)
     run.train_model.train()
+    run.set_phase(p.epoch)
     # An interrupted epoch's partial sums are all ranks' (see the end); rank 0 alone carries them on.
     before = p.partial
     loss_correct = torch.tensor([before.loss, before.correct] if ctx.is_main else [0.0, 0.0], dtype=torch.float64,
@@ -392,7 +427,8 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
     precision = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else train_channels_last(precision, device)
     bundle = _load_data(cfg, ctx)
-    model, model_options, reports = _build_model(cfg, bundle, quiet=cfg.quiet or not ctx.is_main)
+    model, model_options, reports, normalization = _build_model(cfg, bundle, quiet=cfg.quiet or not ctx.is_main)
+    preprocessing = {**bundle.preprocessing(), **(normalization or {})}
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -401,7 +437,8 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
     optimizer = build_optimizer(model, dataclasses.replace(cfg, lr=plan.lr))
     train_model = model
     if ctx.enabled and ctx.world_size > 1:
-        train_model = distributed.wrap(model, ctx, sync_bn=cfg.sync_bn)
+        # The head epochs leave the body without gradients: DDP must expect unused parameters.
+        train_model = distributed.wrap(model, ctx, sync_bn=cfg.sync_bn, find_unused_parameters=cfg.head_epochs > 0)
     if cfg.compile:
         train_model = torch.compile(train_model)
     step = make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip,
@@ -418,15 +455,15 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
             progress.stopped = "running"
     augment = cfg.augment or bundle.augment
     loaders = _loaders(cfg, ctx, bundle, plan.per_rank_batch, augment=augment, device=device,
-                       channels_last=channels_last)
+                       channels_last=channels_last, mean=preprocessing["mean"], std=preprocessing["std"])
     if ctx.is_main:
         write_json(run_dir / run_files.CONFIG, {
             "config": cfg.to_dict(), "data": bundle.source, "classes": list(bundle.classes),
-            "preprocessing": bundle.preprocessing(), "augment": augment, "precision": precision,
+            "preprocessing": preprocessing, "augment": augment, "precision": precision,
             "channels_last": channels_last, "hardware": describe(), "world_size": ctx.world_size, **reports,
         })
     weights_meta = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
-                        preprocessing=bundle.preprocessing())
+                        preprocessing=preprocessing)
     return Run(cfg=cfg, ctx=ctx, dir=run_dir, progress=progress, model=model, train_model=train_model,
                optimizer=optimizer, step=step, **loaders, device=device, precision=precision,
                channels_last=channels_last, weights_meta=weights_meta)
@@ -453,7 +490,6 @@ def _loaders(cfg: TrainConfig, ctx: DistContext, bundle, batch: int, *, augment:
     """This rank's training loader (`batch` a step) and its validation and test shards."""
     from reslab.data import BatchLoader
 
-    options.update(mean=bundle.mean, std=bundle.std)
     # A last batch of one example would make BatchNorm's batch variance undefined; drop just that.
     per_rank = -(-len(bundle.train) // ctx.world_size)
     train = BatchLoader(bundle.train, batch, shuffle=True, seed=cfg.seed, augment=augment,
@@ -469,29 +505,35 @@ def _loaders(cfg: TrainConfig, ctx: DistContext, bundle, batch: int, *, augment:
     return {"loader": train, "val_loader": shard(bundle.val), "test_loader": shard(bundle.test)}
 
 
-def _build_model(cfg: TrainConfig, bundle, *, quiet: bool) -> tuple[nn.Module, dict, dict]:
-    """The model (seeded), its create_model options, and the reports of pretrained loading and freezing."""
+def _build_model(cfg: TrainConfig, bundle, *, quiet: bool) -> tuple[nn.Module, dict, dict, dict | None]:
+    """The model (seeded), its create_model options, the reports of pretrained loading and freezing,
+    and the normalization the pretrained weights were trained with (None: the data's own)."""
     from reslab.models import create_model
 
     torch.manual_seed(cfg.seed)
     options = {"in_channels": bundle.in_channels}
     if cfg.shortcut is not None:
         options["shortcut"] = cfg.shortcut
+    if cfg.aux_logits:
+        options["aux_logits"] = True
+    plan = None
     if cfg.pretrained:
-        from reslab.transfer import model_options_for
+        from reslab.weights import pretrained_plan
 
-        # Keras weights need stride_in_1x1=True; a reslab checkpoint brings its own options.
-        options = {**model_options_for(cfg.pretrained), **options}
+        # Keras weights need stride_in_1x1=True, torchvision's Inception weights transform_input...
+        plan = pretrained_plan(cfg.pretrained, cfg.model)
+        options = {**plan.model_options, **options}
     model = create_model(cfg.model, num_classes=len(bundle.classes), **options)
-    reports = {}
-    if cfg.pretrained:
-        from reslab.transfer import freeze, load_pretrained
+    reports, normalization = {}, None
+    if plan is not None:
+        from reslab.transfer import freeze
 
-        reports["pretrained"] = load_pretrained(model, cfg.pretrained, model_name=cfg.model,
-                                                sha256=cfg.pretrained_sha256, quiet=quiet)
+        reports["pretrained"] = plan.load(model, model_name=cfg.model, sha256=cfg.pretrained_sha256, quiet=quiet)
+        if plan.normalization and len(plan.normalization["mean"]) == bundle.in_channels:
+            normalization = plan.normalization  # the statistics the weights learned with, not the data's
         if cfg.freeze:
             reports["freeze"] = freeze(model, cfg.freeze)
-    return model, options, reports
+    return model, options, reports, normalization
 
 
 # --- records ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from reslab.transfer.sources import Loaded, is_url, read_source, split_url
 
 __all__ = [
     "FREEZE_POINTS",
+    "body_parts",
     "Loaded",
     "classifier_name",
     "freeze",
@@ -253,7 +254,12 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
         return super().train(False)
 
 
-def _parts(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+def body_parts(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """The body in order, as (name, modules): stem, each stage, then what follows the last stage
+    (named all-but-head). A net without stages (the Inception nets) is one part: all but the head."""
+    if not hasattr(model, "stage_names"):
+        head = model.get_classifier()
+        return [("all-but-head", [m for m in model.children() if m is not head])]
     stem = [m for m in (getattr(model, "conv1", None), getattr(model, "bn1", None)) if m is not None]
     parts = [("stem", stem)]
     parts += [(name, [getattr(model, name)]) for name in model.stage_names]
@@ -282,7 +288,7 @@ def freeze(model: nn.Module, until: str) -> dict:
     model.train() calls, so their running statistics do not move.
     """
     target = unwrap(model)
-    parts = _parts(target)
+    parts = body_parts(target)
     names = [n for n, _ in parts]
     if until != "none" and until not in names:
         raise ReslabError(f"--freeze {until!r}: this model's parts are {', '.join(names)} (or none)")
@@ -301,10 +307,10 @@ def unfreeze_step(model: nn.Module, until: str) -> str:
 
     all-but-head -> last stage -> ... -> layer1 -> stem -> none. Apply it with `freeze(model, ...)`.
     """
-    names = [n for n, _ in _parts(unwrap(model))]
+    names = [n for n, _ in body_parts(unwrap(model))]
     if until == "none":
         return "none"
     i = names.index(until)
-    if until == "all-but-head" and not _parts(unwrap(model))[-1][1]:
+    if until == "all-but-head" and not body_parts(unwrap(model))[-1][1]:
         i -= 1  # nothing between the last stage and the head: skip straight past the last stage
     return names[i - 1] if i > 0 else "none"

@@ -29,10 +29,11 @@ from reslab.weights.catalog import (
     unregister_weights,
 )
 from reslab.weights.hub import checkpoints_dir, fetch
-from reslab.weights.source import default_preprocessing, load_source, read_class_names
+from reslab.weights.source import PretrainedPlan, default_preprocessing, load_source, pretrained_plan, read_class_names
 
 __all__ = [
     "Preprocessing",
+    "PretrainedPlan",
     "WeightsEntry",
     "checkpoints_dir",
     "class_names",
@@ -48,6 +49,7 @@ __all__ = [
     "load_pretrained_model",
     "load_source",
     "read_class_names",
+    "pretrained_plan",
     "recognise_file",
     "register_weights",
     "unregister_weights",

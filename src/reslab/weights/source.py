@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -164,3 +165,71 @@ def _foreign(path: Path, model: str, classes):
     meta = CheckpointMeta(model=model, classes=names, preprocessing=default_preprocessing(model),
                           extra={"source": str(path), "head": head_fate, "preprocessing": "assumed"})
     return net, meta
+
+
+@dataclass
+class PretrainedPlan:
+    """What `reslab train --pretrained SRC` needs before and after building the model."""
+
+    source: str
+    entry: WeightsEntry | None  # the catalog entry SRC is (by name, URL or file hash), if any
+    model_options: dict  # create_model options the weights need (Keras: stride_in_1x1, ...)
+    normalization: dict | None  # {"mean", "std"} the weights were trained with; None: unknown
+    path: Path | None = None  # a local file recognised as `entry`
+
+    def load(self, model: nn.Module, *, model_name: str, sha256: str | None = None, quiet: bool = False) -> dict:
+        """Load the weights into `model` (strict but for the head); a JSON-able report for config.json."""
+        from reslab.transfer import load_pretrained
+        from reslab.weights import load_entry_state, load_into
+
+        if self.entry is None:
+            report = load_pretrained(model, self.source, model_name=model_name, sha256=sha256, quiet=quiet)
+        else:
+            head = load_into(model, load_entry_state(self.entry, self.path, quiet=quiet), self.entry.name, model_name)
+            report = {"source": self.source, "kind": "catalog", "weights": self.entry.name, "url": self.entry.url,
+                      "head": head}
+            if not quiet:
+                print(f"pretrained: {self.entry.name} ({self.entry.source}); head {head}")
+        if self.normalization is not None:
+            report["normalization"] = self.normalization
+        return report
+
+
+def pretrained_plan(source: str, model_name: str) -> PretrainedPlan:
+    """Resolve `--pretrained SRC` for `--model model_name`: `imagenet` / `cifar10` (the best catalog
+    weights of that model for those classes), a catalog name, a catalog URL or a file recognised by
+    its hash; else a reslab checkpoint or a foreign file or URL (reslab.transfer)."""
+    from reslab.transfer import model_options_for
+    from reslab.transfer.sources import is_url, split_url
+    from reslab.weights import default_weights, get_weights, recognise_file
+
+    text = str(source)
+    path = Path(text).expanduser()
+    entry, local = None, None
+    if text in ("imagenet", "cifar10"):
+        entry = default_weights(model_name, "imagenet1k" if text == "imagenet" else "cifar10")
+    elif not path.exists() and is_weights_name(text):
+        entry = get_weights(text)
+    elif is_url(text):
+        entry = _entry_for_url(split_url(text)[0])
+    elif path.is_file():
+        entry, local = recognise_file(path), path
+    if entry is not None:
+        if entry.model != model_name:
+            raise ReslabError(f"--pretrained {text} holds {entry.name} weights, a {entry.model}; use --model "
+                              f"{entry.model}")
+        pre = entry.preprocessing
+        return PretrainedPlan(text, entry, dict(entry.model_options), {"mean": list(pre.mean), "std": list(pre.std)},
+                              local if entry else None)
+    options = model_options_for(text)
+    normalization = None
+    if path.exists() and _is_reslab(path):
+        from reslab.checkpoint import read_weights
+
+        pre = read_weights(path)[1].preprocessing
+        if "mean" in pre and "std" in pre:
+            normalization = {"mean": list(pre["mean"]), "std": list(pre["std"])}
+    else:  # a foreign checkpoint: the statistics such weights are almost always trained with
+        pre = default_preprocessing(model_name)
+        normalization = {"mean": pre["mean"], "std": pre["std"]}
+    return PretrainedPlan(text, None, options, normalization)
