@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from reslab import create_model, list_models
 from reslab.cli import main
 from reslab.errors import ReslabError
-from reslab.models import create_model, list_models
 from reslab.weights import (
     Preprocessing,
     WeightsEntry,

@@ -10,7 +10,8 @@ __all__ = ["ReslabError", "create_model", "list_models", "__version__"]
 def __getattr__(name):
     # The model zoo imports torch; keep `import reslab` (and the CLI's start) cheap until it is used.
     if name in ("create_model", "list_models"):
-        from reslab import models
+        # The zoo plus the weights catalog: create_model("resnet50.tv2_in1k", pretrained=True).
+        from reslab import weights
 
-        return getattr(models, name)
+        return getattr(weights, name)
     raise AttributeError(f"module 'reslab' has no attribute {name!r}")

@@ -38,8 +38,7 @@ def run(args) -> int:
 
 
 def _pretrained(args) -> int:
-    from reslab.models import list_models
-    from reslab.weights import checkpoints_dir, get_weights
+    from reslab.weights import checkpoints_dir, get_weights, list_models
 
     entries = [get_weights(name) for name in list_models(args.family, pretrained=True)]
     rows = [{"name": e.name, "model": e.model, "params": _params(e.model), "top1": e.top1, "top5": e.top5,

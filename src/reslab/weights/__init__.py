@@ -32,6 +32,8 @@ from reslab.weights.hub import checkpoints_dir, fetch
 from reslab.weights.source import PretrainedPlan, default_preprocessing, load_source, pretrained_plan, read_class_names
 
 __all__ = [
+    "create_model",
+    "list_models",
     "Preprocessing",
     "PretrainedPlan",
     "WeightsEntry",
@@ -125,3 +127,32 @@ def load_pretrained_model(name: str, *, num_classes: int | None = None, quiet: b
     if num_classes == 0:
         raise ReslabError("num_classes=0 with pretrained weights: use model.forward_features for features")
     return model, meta
+
+
+def list_models(family: str | None = None, *, pretrained: bool = False) -> list[str]:
+    """Registered model names (reslab.models.list_models); with `pretrained=True`, the catalog's
+    `MODEL.TAG` weights names instead (timm's convention)."""
+    from reslab.models import get_model_spec
+    from reslab.models import list_models as architectures
+
+    names = architectures(family)  # checks `family`
+    if not pretrained:
+        return names
+    return [e.name for e in list_weights() if family is None or get_model_spec(e.model).family == family]
+
+
+def create_model(name: str, pretrained: bool = False, **options) -> nn.Module:
+    """reslab.models.create_model, plus the catalog: `create_model("resnet50.tv2_in1k", pretrained=True)`
+    (a fresh head when `num_classes` differs from the weights'), `create_model("resnet50", pretrained=True)`
+    (its best ImageNet weights), `create_model("resnet50.tv2_in1k")` (the architecture those weights
+    need, randomly initialized, as timm does)."""
+    from reslab.models import create_model as build
+
+    if not pretrained and "." not in name:
+        return build(name, **options)
+    entry = get_weights(name) if "." in name else default_weights(name)
+    if not pretrained:
+        return build(entry.model, **{"num_classes": len(entry.class_names()), **entry.model_options, **options})
+    num_classes = options.pop("num_classes", None)
+    model, _ = load_pretrained_model(entry.name, num_classes=num_classes, **options)
+    return model
