@@ -55,3 +55,44 @@ def test_bench_refuses_bad_options(capsys):
     assert main(["bench", "--batch-size", "0"]) == 2
     assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
     assert main(["bench", "--model", "resnet7"]) == 2
+
+
+def test_bench_json_for_int8_has_the_quantization_and_the_peak(capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from reslab.inference.quantize import Int8Settings
+
+    argv = ["bench", "--model", "resnet20", "--mode", "infer", "--batch-size", "4", "--image-size", "8",
+            "--seconds", "0.3", "--warmup", "1", "--precision", "int8", "--threads", "1", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in DOCUMENTED:
+        assert key in result, key
+    assert result["precision"] == "int8" and result["backend"] in ("onnxruntime", "openvino")
+    quantization = result["quantization"]
+    assert quantization["reduce_range"] == Int8Settings.for_this_cpu().reduce_range  # decided from the CPU flags
+    assert [quantization[k] for k in ("per_channel", "activations", "weights")] == [True, "uint8", "int8"]
+    assert quantization["calibration_data"] == "digits" and quantization["calibration_images"] > 0
+    # Read against the machine's own int8 matrix-product rate on the same thread.
+    assert result["peak_precision"] == "int8" and result["peak_gflops_per_second"] > 0
+    assert result["peak_fraction"] == pytest.approx(result["gflops_per_second"] / result["peak_gflops_per_second"])
+    assert {"cpu_int8_vnni", "cpu_flags", "cpu_bf16_native"} <= result["hardware"].keys()
+
+
+@pytest.mark.parametrize(("bf16", "int8"), [(False, True), (True, False), (False, False)])
+def test_compare_rows_follow_the_hardware(monkeypatch, bf16, int8):
+    """bf16 rows where the CPU multiplies bf16 natively, int8 rows where it has int8 dot products."""
+    import reslab.inference.quantize as quantize
+    from reslab.inference import INT8_PREFERENCE, installed_backends
+
+    monkeypatch.setenv("RESLAB_CPU_BF16", "1" if bf16 else "0")
+    monkeypatch.setattr(quantize, "int8_is_fast", lambda: int8)
+    rows = [p.resolve() for p in peers(BenchConfig(model="resnet20", mode="infer", image_size=8, precision="fp32"))]
+    assert rows[0].textbook and len(rows) == len(set(map(str, rows)))
+    ran = {(r.backend, r.precision) for r in rows[1:]}
+    installed = installed_backends()
+    assert {b for b, p in ran if p == "fp32"} == set(installed)  # every backend, always, in fp32
+    bf16_rows = {(b, "bf16") for b in ("torch", "openvino") if b in installed}
+    int8_rows = {(b, "int8") for b in INT8_PREFERENCE if b in installed}
+    assert (bf16_rows <= ran) if bf16 else not {r for r in ran if r[1] == "bf16"}
+    assert (int8_rows <= ran) if int8 else not {r for r in ran if r[1] == "int8"}

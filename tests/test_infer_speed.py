@@ -175,7 +175,7 @@ def test_every_inference_command_checks_its_options_at_the_door(command, capsys)
     bad = {"--device": ("tpu", "unknown device type 'tpu'"),
            "--backend": ("tensorrt", "invalid choice: 'tensorrt' (choose from 'auto', 'torch', 'onnxruntime', "
                                      "'openvino')"),
-           "--precision": ("fp16", "invalid choice: 'fp16' (choose from 'fp32', 'bf16', 'auto')"),
+           "--precision": ("fp16", "invalid choice: 'fp16' (choose from 'fp32', 'bf16', 'auto', 'int8')"),
            "--top-k": ("0", "top-k must be an integer of at least 1, got 0")}
     for flag in offered:
         value, words = bad[flag]

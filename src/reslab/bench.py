@@ -11,12 +11,20 @@ batch, the same tensor for every peer.
 
 GFLOP/s are counted from the model's MACs (reslab.models.complexity): 2 FLOPs per MAC for a
 forward pass, and 3 forward passes' worth for a training step (the backward pass costs about
-twice the forward: gradients for both the inputs and the weights).
+twice the forward: gradients for both the inputs and the weights); for int8 they are integer
+operations. Each row also gets the machine's measured peak at its precision on the same threads
+(a large matrix product: the faster of torch's and ONNX Runtime's for fp32, torch's for bf16, ONNX
+Runtime's u8 x s8 MatMulInteger for int8) and the fraction of it the model achieved.
+
+`--compare` knows the hardware: the textbook loop and every installed backend in fp32 always, the
+bf16 rows where the CPU multiplies bf16 natively, the int8 rows where it has int8 dot products
+(AVX2 and later, ARM).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +38,10 @@ from reslab.hardware import train_channels_last
 MODES = ("train", "infer")
 TRAIN_FLOPS_FACTOR = 3  # forward + backward, see the module docstring
 DEFAULT_BATCH = {"train": 128, "infer": 32}
+# int8 rows are calibrated on this many real images (the embedded digits, scaled to the input): the
+# net is untrained, so only the kernels matter here; accuracy is benchmarks/bench_int8.py's business.
+BENCH_CALIBRATION_IMAGES = 16
+PEAK_SIZE = 2048  # the square matrix product whose rate is a row's peak
 
 
 @dataclass
@@ -78,6 +90,11 @@ class BenchConfig:
         if cfg.textbook:
             cfg.precision, cfg.backend, cfg.compile, cfg.channels_last = "fp32", "torch", False, False
         device = cfg.torch_device
+        if cfg.precision == "int8":
+            if cfg.mode == "train":
+                raise ReslabError("int8 is an inference precision; train with --precision fp32, bf16 or auto")
+            cfg.backend = resolve_backend(cfg.backend, device, "int8")
+            return cfg
         cfg.precision = resolve_precision(cfg.precision, device)
         if cfg.mode == "train":
             if cfg.backend not in ("auto", "torch"):
@@ -142,14 +159,107 @@ def infer_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> tuple[Cal
         return textbook, {"channels_last": False, "bn_folded": False}
     from reslab.inference.predictor import Predictor
 
+    calibration = _calibration_images(cfg) if cfg.precision == "int8" else None
     predictor = Predictor.from_model(model, _meta(cfg), cfg.device, backend=cfg.backend, precision=cfg.precision,
-                                     compile=cfg.compile, channels_last=cfg.channels_last)
+                                     compile=cfg.compile, channels_last=cfg.channels_last, calibration=calibration)
     runner = predictor.runner
     x = x.to(device) if cfg.backend == "torch" else x
     settings = {"bn_folded": True, "channels_last": getattr(runner, "channels_last", None)}
-    if hasattr(runner, "inference_precision"):  # what OpenVINO really runs, whatever was asked
+    if hasattr(runner, "inference_precision") and cfg.precision != "int8":  # what OpenVINO really runs
         settings["openvino_inference_precision"] = runner.inference_precision
+    if cfg.precision == "int8":
+        from reslab.inference.quantize import Int8Settings
+
+        settings["quantization"] = {**Int8Settings.for_this_cpu().to_dict(), "calibration_images": len(calibration),
+                                    "calibration_data": "digits"}
     return (lambda: runner(x)), settings
+
+
+def _calibration_images(cfg: BenchConfig) -> torch.Tensor:
+    """Real images for an int8 row's calibration: the embedded digits at the bench's input size, as RGB."""
+    from reslab.data import load_data
+    from reslab.inference.quantize import pick
+
+    bundle = load_data("digits", image_size=cfg.image_size, quiet=True)
+    return pick(bundle.train.images, BENCH_CALIBRATION_IMAGES).expand(-1, 3, -1, -1).contiguous()
+
+
+# The best peak measured so far in this process, per (precision, threads): on a shared machine one
+# measurement can land in another job's burst, and the peak is what the hardware does at best.
+_PEAKS: dict[tuple[str, int], float] = {}
+
+
+def peak_gflops(precision: str, threads: int, size: int = PEAK_SIZE) -> float | None:
+    """GFLOP/s (int8: GOP/s) of a size x size x size matrix product at `precision` on `threads` CPU
+    threads: what the hardware does at best, to read a model's rate against; measured at every call,
+    the best so far returned. None where it cannot be measured (int8 without ONNX Runtime)."""
+    measured = _measure_peak(precision, threads, size)
+    if measured is None:
+        return None
+    _PEAKS[precision, threads] = max(measured, _PEAKS.get((precision, threads), 0.0))
+    return _PEAKS[precision, threads]
+
+
+def _measure_peak(precision: str, threads: int, size: int) -> float | None:
+    """The best rate of the matrix-product kernels at `precision`: torch's (MKL or oneDNN) and, for fp32
+    and int8, ONNX Runtime's (MLAS; on some CPUs MKL's fp32 product is the slower of the two)."""
+    from reslab.hardware import bf16_is_fast
+
+    if precision == "bf16" and not bf16_is_fast("cpu"):
+        size = min(size, 512)  # emulated bf16 runs a 2048 product for minutes; its rate is low at any size
+    steps = [] if precision == "int8" else [_torch_matmul(precision, size)]
+    if precision in ("fp32", "int8"):
+        steps.append(_ort_matmul(precision, size, threads))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rates = [2 * size**3 / min(time_steps(step, warmup=1, seconds=0.3, sync=lambda: None)) / 1e9
+                 for step in steps if step is not None]
+    finally:
+        torch.set_num_threads(previous)
+    return max(rates, default=None)
+
+
+def _torch_matmul(precision: str, size: int) -> Callable[[], object]:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return lambda: a @ b
+
+
+_ORT_SESSIONS: dict[tuple[str, int, int], Callable[[], object]] = {}
+
+
+def _ort_matmul(precision: str, size: int, threads: int) -> Callable[[], object] | None:
+    """ONNX Runtime's fp32 MatMul or u8 x s8 MatMulInteger (the kernel its int8 convolutions run on);
+    None without ONNX Runtime."""
+    from reslab.inference.backends import installed_backends
+
+    if "onnxruntime" not in installed_backends():
+        return None
+    key = (precision, size, threads)
+    if key not in _ORT_SESSIONS:
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        if precision == "int8":
+            op, a_type, y_type = "MatMulInteger", TensorProto.UINT8, TensorProto.INT32
+            a = rng.integers(0, 256, (size, size), dtype=np.uint8)
+            b = rng.integers(-128, 128, (size, size), dtype=np.int8)
+        else:
+            op, a_type, y_type = "MatMul", TensorProto.FLOAT, TensorProto.FLOAT
+            a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+        graph = helper.make_graph([helper.make_node(op, ["A", "B"], ["Y"])], "peak",
+                                  [helper.make_tensor_value_info("A", a_type, [size, size])],
+                                  [helper.make_tensor_value_info("Y", y_type, [size, size])],
+                                  [numpy_helper.from_array(b, "B")])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        _ORT_SESSIONS[key] = lambda: session.run(None, {"A": a})
+    return _ORT_SESSIONS[key]
 
 
 def _synthetic_split(cfg: BenchConfig, batches: int = 4):
@@ -256,6 +366,9 @@ def run_bench(config: BenchConfig) -> dict:
     from reslab.models.summary import complexity
 
     cfg = config.resolve()
+    # A previous row's runtime (an ONNX Runtime session whose threads spin between runs) can outlive it in
+    # a reference cycle and steal this row's cores: collected first, so each row runs alone.
+    gc.collect()
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -276,6 +389,10 @@ def run_bench(config: BenchConfig) -> dict:
         torch.set_num_threads(previous_threads)
     flops_per_image = 2 * macs * (TRAIN_FLOPS_FACTOR if cfg.mode == "train" else 1)
     images_per_second = cfg.batch_size * len(times) / total
+    gflops_per_second = images_per_second * flops_per_image / 1e9
+    # The peak at the precision that really ran (OpenVINO runs f32 on a CPU without bf16 whatever was asked).
+    ran = {"f32": "fp32", "bf16": "bf16"}.get(settings.get("openvino_inference_precision"), cfg.precision)
+    peak = peak_gflops(ran, cfg.threads or previous_threads) if cfg.torch_device.type == "cpu" else None
     return {
         "name": label(cfg),
         "model": cfg.model,
@@ -287,7 +404,10 @@ def run_bench(config: BenchConfig) -> dict:
         "images_per_second": images_per_second,
         "ms_per_batch": 1000 * total / len(times),
         "ms_per_batch_median": 1000 * sorted(times)[len(times) // 2],
-        "gflops_per_second": images_per_second * flops_per_image / 1e9,
+        "gflops_per_second": gflops_per_second,
+        "peak_gflops_per_second": peak,
+        "peak_precision": ran,
+        "peak_fraction": gflops_per_second / peak if peak else None,
         "flops_per_image": flops_per_image,
         "steps": len(times),
         "seconds": total,
@@ -310,17 +430,25 @@ def label(cfg: BenchConfig) -> str:
 
 def peers(config: BenchConfig) -> list[BenchConfig]:
     """What `--compare` runs: the textbook loop first (the ratios' base), then reslab's path as asked,
-    then (inference) every installed exported runtime in fp32 and OpenVINO at the hardware's precision."""
-    from reslab.inference.backends import installed_backends
+    then (inference) every installed backend in fp32, in bf16 where the hardware multiplies it natively,
+    and the exported runtimes in int8 where the CPU has int8 dot products."""
+    from reslab.hardware import bf16_is_fast
+    from reslab.inference.backends import INT8_PREFERENCE, installed_backends
+    from reslab.inference.quantize import int8_is_fast
 
     rows = [dataclasses.replace(config, textbook=True), config]
     if config.mode == "infer":
-        asked = config.resolve()
-        for backend in installed_backends():
-            for precision in ("fp32", asked.precision) if backend == "openvino" else ("fp32",):
-                peer = dataclasses.replace(config, backend=backend, precision=precision, compile=False)
-                if peer.resolve() not in [r.resolve() for r in rows]:
-                    rows.append(peer)
+        device = config.torch_device
+        installed = installed_backends()
+        wanted = [(backend, "fp32") for backend in installed]
+        if bf16_is_fast(device):
+            wanted += [(backend, "bf16") for backend in ("torch", "openvino") if backend in installed]
+        if device.type == "cpu" and int8_is_fast():
+            wanted += [(backend, "int8") for backend in INT8_PREFERENCE if backend in installed]
+        for backend, precision in wanted:
+            peer = dataclasses.replace(config, backend=backend, precision=precision, compile=False)
+            if peer.resolve() not in [r.resolve() for r in rows]:
+                rows.append(peer)
     return rows
 
 

@@ -192,16 +192,17 @@ def default_out(source: str | os.PathLike, data: str) -> Path:
 
 def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str | None = None,
              out: str | os.PathLike | None = None, device: str = "cpu", data_dir: str | None = None,
-             backend: str = "auto", precision: str = "auto", model: str | None = None, classes=None) -> dict:
-    """Evaluate any model source (see reslab.weights.load_source); writes eval.json, confusion.png,
-    samples.png."""
+             backend: str = "auto", precision: str = "auto", model: str | None = None, classes=None,
+             calibration: str | None = None, calibration_images: int | None = None) -> dict:
+    """Evaluate any model source (see reslab.weights.load_source) or exported file; writes eval.json,
+    confusion.png, samples.png. `calibration`, `calibration_images`: for precision int8 (see Predictor)."""
     from reslab import plots
     from reslab.inference.predictor import Predictor
 
     path = Path(source)
     checkpoint = resolve(source) if path.is_dir() else source
     predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision, model=model,
-                          classes=classes)
+                          classes=classes, calibration=calibration, calibration_images=calibration_images)
     data = data or predictor.meta.extra.get("data")
     if not data:
         raise ReslabError(f"{checkpoint} does not say which data it was trained on; give --data")
@@ -209,6 +210,7 @@ def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str |
     probabilities = predictor.probabilities(eval_set.images).cpu()
     classes = list(predictor.classes)
     result = {"checkpoint": str(checkpoint), "model": predictor.meta.model, "data": data, "split": eval_set.split,
+              "backend": predictor.backend, "precision": predictor.precision,
               **metrics(probabilities, eval_set.labels, classes)}
     out = Path(out) if out is not None else default_out(source, data)
     predicted = probabilities.argmax(1)

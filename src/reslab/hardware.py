@@ -39,6 +39,14 @@ def cpu_has_fast_bf16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
+def cpu_has_vnni() -> bool:
+    """int8 dot products in one instruction (AVX512-VNNI, AVX-VNNI, AMX-INT8). Without them an x86 int8
+    kernel sums u8 x s8 pairs in int16 (vpmaddubsw), which can saturate: see reslab.inference.quantize."""
+    if os.environ.get("RESLAB_CPU_VNNI") in ("0", "1"):  # an override, as for bf16
+        return os.environ["RESLAB_CPU_VNNI"] == "1"
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -132,6 +140,10 @@ def describe() -> dict:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_native": cpu_has_fast_bf16(),
+        "cpu_int8_vnni": cpu_has_vnni(),
+        # The instruction sets every speed figure depends on, recorded with it.
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                                           "amx_bf16", "amx_int8", "amx_tile"}),
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():

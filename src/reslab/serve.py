@@ -60,6 +60,8 @@ class ServeConfig:
     top_k: int = 5  # /predict's default; a request may ask for another with ?top_k=
     model: str | None = None  # architecture of a foreign checkpoint (see reslab.weights.load_source)
     classes: str | None = None  # its class names file
+    calibration: str | None = None  # int8: the data that calibrates it (see Predictor)
+    calibration_images: int | None = None  # None: the Predictor's default
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -303,7 +305,8 @@ def create_app(source, config: ServeConfig | None = None):
     config = config or ServeConfig()
     predictor = source if isinstance(source, Predictor) else Predictor(
         source, device=config.device, backend=config.backend, precision=config.precision, top_k=config.top_k,
-        model=config.model, classes=config.classes)
+        model=config.model, classes=config.classes, calibration=config.calibration,
+        calibration_images=config.calibration_images)
     service = Service(predictor, config)
     app = FastAPI(
         title="reslab",

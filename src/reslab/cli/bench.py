@@ -7,6 +7,8 @@ import json
 
 from reslab.cli.options import add_inference_options
 
+PEAK = "2048^3"  # reslab.bench.PEAK_SIZE, not imported here: the parser is built without torch
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="resnet20", help="a registered model (default resnet20)")
@@ -22,8 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     add_inference_options(parser, "device")
     parser.add_argument("--compare", action="store_true",
-                        help="also run the peers (textbook fp32 NCHW eager torch, ONNX Runtime, OpenVINO) on the "
-                             "same input and print ratios")
+                        help="also run the peers on the same input and print ratios: the textbook fp32 NCHW eager "
+                             "loop, every installed backend in fp32, bf16 where the CPU has it natively, int8 "
+                             "(ONNX Runtime, OpenVINO) where it has int8 dot products")
     parser.add_argument("--json", action="store_true", help="print JSON (a list with --compare)")
 
 
@@ -63,15 +66,16 @@ def _table(results: list[dict], title: str) -> None:
     first = results[0]
     table = Table(title=f"{title}: batch {first['batch_size']}, {first['image_size']}px, "
                         f"{first['threads']} threads")
-    columns = ["path", "precision", "NHWC", "images/s", "ms/batch", "GFLOP/s"]
+    columns = ["path", "precision", "NHWC", "images/s", "ms/batch", "GFLOP/s", "of peak"]
     if "ratio" in first:
         columns.append("vs textbook")
     for col in columns:
         table.add_column(col, justify="left" if col in ("path", "precision") else "right")
     for r in results:
         layout = {True: "yes", False: "no"}.get(r.get("channels_last"), "-")
+        peak = "-" if r.get("peak_fraction") is None else f"{r['peak_fraction']:.0%}"
         row = [r["name"], r.get("openvino_inference_precision", r["precision"]), layout,
-               f"{r['images_per_second']:.1f}", f"{r['ms_per_batch']:.1f}", f"{r['gflops_per_second']:.1f}"]
+               f"{r['images_per_second']:.1f}", f"{r['ms_per_batch']:.1f}", f"{r['gflops_per_second']:.1f}", peak]
         if "ratio" in r:
             row.append(f"{r['ratio']:.2f}x")
         table.add_row(*row)
@@ -79,5 +83,9 @@ def _table(results: list[dict], title: str) -> None:
     console.print(table)
     train = ", x3 for a training step" if first["mode"] == "train" else ""
     hardware = first["hardware"]
-    console.print(f"GFLOP/s from MACs: 2 per MAC forward{train}; {hardware['cpu_capability']}, "
-                  f"native bf16: {hardware['cpu_bf16_native']}", highlight=False)
+    peaks = {r.get("peak_precision"): r.get("peak_gflops_per_second") for r in results}
+    peaks = ", ".join(f"{precision} {gflops:.0f}" for precision, gflops in peaks.items() if gflops)
+    console.print(f"GFLOP/s from MACs: 2 per MAC forward{train} (int8: integer ops); peak: a {PEAK} matrix product "
+                  f"at the row's precision on the same threads ({peaks} GFLOP/s); {hardware['cpu_capability']}, "
+                  f"native bf16: {hardware['cpu_bf16_native']}, VNNI: {hardware.get('cpu_int8_vnni')}, "
+                  f"flags: {' '.join(hardware.get('cpu_flags', []))}", highlight=False)

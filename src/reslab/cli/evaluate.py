@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", help="test or val (default: test where there is one)")
     parser.add_argument("--out", help="folder for eval.json and the figures (default RUN/eval-<data>/)")
     parser.add_argument("--data-dir", help="cache folder for downloads and decoded folders")
-    add_inference_options(parser, "device", "backend", "precision")
+    add_inference_options(parser, "device", "backend", "precision", "calibration", "calibration_images")
     parser.add_argument("--json", action="store_true", help="print eval.json instead of a table")
 
 
@@ -25,7 +25,8 @@ def run(args) -> int:
 
     result = evaluate(args.source, data=args.data, split=args.split, out=args.out, device=args.device,
                       data_dir=args.data_dir, backend=args.backend, precision=args.precision, model=args.model,
-                      classes=args.classes)
+                      classes=args.classes, calibration=args.calibration,
+                      calibration_images=args.calibration_images)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
         return 0

@@ -70,9 +70,24 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
                                "help": "cpu (default), cuda, cuda:1 ..."}),
     "backend": (("--backend",), {"default": "auto", "choices": _Names("reslab.inference.backends:BACKENDS"),
                                  "metavar": "NAME", "help": "%(choices)s (default auto: the fastest installed)"}),
-    "precision": (("--precision",), {"default": "auto", "choices": _Names("reslab.hardware:PRECISIONS"),
+    # Inference precisions: training's list (reslab.hardware.PRECISIONS) has no int8.
+    "precision": (("--precision",), {"default": "auto",
+                                     "choices": _Names("reslab.inference.backends:INFERENCE_PRECISIONS"),
                                      "metavar": "NAME", "help": "%(choices)s (default auto: bf16 only where the "
-                                                                "hardware runs it natively)"}),
+                                                                "hardware runs it natively; int8: quantized on "
+                                                                "images of --calibration, cached beside the run)"}),
+    "calibration": (("--calibration",), {"default": None, "metavar": "DATA",
+                                         "help": "with --precision int8: the data whose training images calibrate "
+                                                 "the quantization (default: the data the model was trained on)"}),
+    # None: reslab.inference.quantize.DEFAULT_CALIBRATION_IMAGES (tests/test_int8.py holds the help's figure to it).
+    "calibration_images": (("--calibration-images",),
+                           {"default": None, "metavar": "N",
+                            "type": _checked("reslab.inference.quantize:check_calibration_images", int),
+                            "help": "with int8: how many calibration images (default 128)"}),
+    "max_drop": (("--max-drop",), {"default": None, "metavar": "FRACTION",
+                                   "type": _checked("reslab.inference.quantize:check_max_drop", float),
+                                   "help": "largest accepted int8 top-1 drop against fp32 (default 0.01); a larger "
+                                           "one writes nothing"}),
     "top_k": (("--top-k",), {"default": 5, "type": _checked("reslab.inference.predictor:check_top_k", int),
                              "help": "classes shown per image (default 5)"}),
 }

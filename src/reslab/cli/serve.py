@@ -16,7 +16,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-queue", type=int, help="requests that may wait for the model; more are answered "
                                                       "503 with a Retry-After header (default 32)")
     parser.add_argument("--layer", default=None, help="Grad-CAM layer (default: the model's last stage)")
-    add_inference_options(parser, "top_k", "device", "backend", "precision",
+    add_inference_options(parser, "top_k", "device", "backend", "precision", "calibration", "calibration_images",
                           top_k="classes returned by /predict unless ?top_k= asks (default 5)")
 
 

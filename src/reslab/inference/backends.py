@@ -2,8 +2,8 @@
 
 - `torch`: BatchNorm folded into the convolutions (reslab.inference.fold), channels_last where it
   pays, bf16 where the hardware multiplies it natively, optionally `torch.compile`d.
-- `onnxruntime` / `openvino`: the same BN-folded fp32 graph exported by reslab.inference.export.
-  Both are optional extras.
+- `onnxruntime` / `openvino`: the same BN-folded fp32 graph exported by reslab.inference.export, or
+  its int8 form (reslab.inference.quantize). Both are optional extras.
 
 A runner is a callable from a normalized float batch to float32 logits. The preference orders and
 the channels_last defaults are decided from the measurements in benchmarks/RESULTS.md (Speed).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,10 +25,15 @@ from reslab.hardware import bf16_is_fast
 from reslab.inference.fold import fold_batchnorm
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+# What the inference commands accept; training's list (reslab.hardware.PRECISIONS) has no int8.
+INFERENCE_PRECISIONS = ("fp32", "bf16", "auto", "int8")
 # Fastest first on a CPU without native bf16, and on one with AMX/AVX512-BF16, where OpenVINO runs
 # bf16 (benchmarks/RESULTS.md, Speed); on a GPU only torch runs.
 CPU_PREFERENCE = ("onnxruntime", "openvino", "torch")
 CPU_BF16_PREFERENCE = ("openvino", "onnxruntime", "torch")
+# int8 graphs run on the exported runtimes only (torch's CPU int8 path is another graph format); OpenVINO
+# ran the same QDQ graph faster than ONNX Runtime (benchmarks/RESULTS.md, int8).
+INT8_PREFERENCE = ("openvino", "onnxruntime")
 # The Python packages each optional backend needs, and the extra that installs them.
 _REQUIRES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
 _EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
@@ -39,12 +44,24 @@ def installed_backends() -> list[str]:
     return ["torch"] + [b for b, mods in _REQUIRES.items() if all(importlib.util.find_spec(m) for m in mods)]
 
 
-def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
-    """A concrete backend for `device` (one already checked): `auto` takes the fastest installed one there."""
+def resolve_backend(backend: str, device: str | torch.device = "cpu", precision: str = "auto") -> str:
+    """A concrete backend for `device` (one already checked): `auto` takes the fastest installed one there
+    (for int8: the fastest exported runtime)."""
     if backend not in BACKENDS:
         raise ReslabError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     on_cpu = str(device).partition(":")[0] == "cpu"
     installed = installed_backends()
+    if precision == "int8":
+        if not on_cpu:
+            raise ReslabError(f"int8 runs on the CPU (ONNX Runtime, OpenVINO), got device {str(device)!r}; "
+                              "use --device cpu, or --precision bf16 on a GPU")
+        if backend == "torch":
+            raise ReslabError("int8 runs on onnxruntime or openvino, not torch; use --backend auto")
+        if backend == "auto":
+            runnable = [b for b in INT8_PREFERENCE if b in installed]
+            if not runnable:
+                raise ReslabError("int8 needs ONNX Runtime or OpenVINO: `pip install reslab[onnx]`")
+            return runnable[0]
     if backend == "auto":
         if not on_cpu:
             return "torch"
@@ -56,6 +73,18 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
     if backend != "torch" and not on_cpu:
         raise ReslabError(f"backend {backend!r} runs on the CPU only, got device {str(device)!r}; use --backend torch")
     return backend
+
+
+def normalizer(mean: Sequence[float], std: Sequence[float], channels: int):
+    """uint8 [0, 255] batch -> float (x/255 - mean)/std, exactly as the training loader does it."""
+    from reslab.data.loader import normalization
+
+    scale, shift = normalization(mean, std, channels)
+
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(shift.to(images.device), images.float(), scale.to(images.device))
+
+    return normalize
 
 
 def default_channels_last(model_name: str, precision: str, device: torch.device) -> bool:
@@ -101,7 +130,7 @@ class TorchRunner:
 
 
 class OnnxRuntimeRunner:
-    """An ONNX Runtime CPU session on an exported graph (fp32 only: ORT has no bf16 CPU kernels)."""
+    """An ONNX Runtime CPU session on an exported graph: fp32, or int8 QDQ (ORT has no bf16 CPU kernels)."""
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
         import onnxruntime as ort
@@ -120,7 +149,8 @@ class OnnxRuntimeRunner:
 
 class OpenVinoRunner:
     """An OpenVINO CPU compiled model; bf16 by INFERENCE_PRECISION_HINT (honoured only where the CPU
-    has native bf16: on AVX2 OpenVINO reports and runs f32 whatever the hint)."""
+    has native bf16: on AVX2 OpenVINO reports and runs f32 whatever the hint). An int8 graph runs its
+    quantized layers in int8 whatever the hint; the rest stays f32."""
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int | None = None,
                  hint: str = "LATENCY"):
@@ -149,14 +179,15 @@ class OpenVinoRunner:
 
 def make_runner(backend: str, *, model: nn.Module | None, model_name: str, device: torch.device, precision: str,
                 channels_last: bool | None, compile: bool, exported: Callable[[str], Path]):
-    """The forward pass for a concrete backend; `exported(fmt)` gives an exported file on demand.
-
-    (int8 will be one more case here: an ONNX Runtime session on the statically quantized graph.)
-    """
+    """The forward pass for a concrete backend; `exported(fmt)` gives an exported file on demand: "onnx",
+    "openvino", or "int8" (the statically quantized ONNX graph, which both runtimes read)."""
     if backend == "torch":
         if channels_last is None:
             channels_last = default_channels_last(model_name, precision, device)
         return TorchRunner(model, device=device, precision=precision, channels_last=channels_last, compile=compile)
+    if precision == "int8":
+        path = exported("int8")
+        return OnnxRuntimeRunner(path) if backend == "onnxruntime" else OpenVinoRunner(path, precision="fp32")
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(exported("onnx"))
     return OpenVinoRunner(exported("openvino"), precision=precision)

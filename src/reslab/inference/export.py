@@ -8,7 +8,8 @@ model name and options and the preprocessing travel inside the file (ONNX `metad
 OpenVINO `rt_info` under "reslab"), with the same keys as a reslab safetensors checkpoint, so
 `Predictor("best.onnx")` and `reslab predict best.onnx cat.jpg` need nothing else. Every export is
 run once against the eager PyTorch model on a random batch of another batch size than the one
-traced; fp32 must agree within `TOLERANCE` (max abs difference of the logits).
+traced; fp32 must agree within `TOLERANCE` (max abs difference of the logits). int8 files are made
+from this export by reslab.inference.quantize (`reslab export --int8`).
 """
 
 from __future__ import annotations
@@ -79,18 +80,29 @@ def export_openvino(model: nn.Module, meta: CheckpointMeta, path: str | os.PathL
     """Write the model as OpenVINO IR (`path` .xml plus its .bin), fp32 weights, reslab rt_info.
 
     Converted from the ONNX export, which was several times faster than OpenVINO's PyTorch
-    frontend (benchmarks/RESULTS.md, Speed: notes). The .bin is moved in place before the .xml,
-    so a reader never finds an .xml without its weights.
+    frontend (benchmarks/RESULTS.md, Speed: notes).
     """
     _require("openvino", "openvino")
-    import openvino as ov
-
     path = Path(path)
     if path.suffix != ".xml":
         raise ReslabError(f"an OpenVINO model is an .xml file (plus .bin), got --out {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
         onnx_path = export_onnx(model, meta, Path(tmp) / "model.onnx", opset=opset)
+        return onnx_to_openvino(onnx_path, meta, path)
+
+
+def onnx_to_openvino(onnx_path: str | os.PathLike, meta: CheckpointMeta, path: str | os.PathLike) -> Path:
+    """An ONNX file (fp32, or int8 QDQ: OpenVINO reads the pairs as FakeQuantize and runs them in int8)
+    as OpenVINO IR with `meta` in its rt_info. The .bin is moved in place before the .xml, so a
+    reader never finds an .xml without its weights.
+    """
+    _require("openvino", "openvino")
+    import openvino as ov
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
         ov_model = ov.Core().read_model(str(onnx_path))
         for key, value in meta.to_metadata().items():
             ov_model.set_rt_info(value, ["reslab", key])

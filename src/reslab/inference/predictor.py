@@ -6,6 +6,8 @@ where a library caller's options (device, backend, precision, top-k) are checked
 
 `backend="auto"` takes the first installed backend of the preference order in
 reslab.inference.backends, decided from the measurements in benchmarks/RESULTS.md (Speed).
+`precision="int8"` runs the model statically quantized (reslab.inference.quantize), calibrated on
+images of its training data (or `calibration`) and cached beside the run, or an int8 file as exported.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +24,23 @@ from torch import nn
 from reslab.checkpoint import CheckpointMeta
 from reslab.errors import ReslabError
 from reslab.hardware import bf16_is_fast, check_device, resolve_precision
-from reslab.inference.backends import installed_backends, make_runner, resolve_backend
+from reslab.inference.backends import (
+    INFERENCE_PRECISIONS,
+    installed_backends,
+    make_runner,
+    normalizer,
+    resolve_backend,
+)
 from reslab.inference.export import cached_export, read_exported_meta
+from reslab.inference.quantize import (
+    DEFAULT_CALIBRATION_IMAGES,
+    Int8Settings,
+    cached_int8,
+    calibration_images,
+    check_calibration_images,
+    int8_info,
+    warn_if_saturating,
+)
 from reslab.weights.source import load_source
 
 
@@ -34,24 +51,16 @@ def check_top_k(top_k: int) -> int:
     return top_k
 
 
-def normalizer(mean: Sequence[float], std: Sequence[float], channels: int):
-    """uint8 [0, 255] batch -> float (x/255 - mean)/std, exactly as the training loader does it."""
-    from reslab.data.loader import normalization
-
-    scale, shift = normalization(mean, std, channels)
-
-    def normalize(images: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(shift.to(images.device), images.float(), scale.to(images.device))
-
-    return normalize
-
-
 class Predictor:
     """Class probabilities for images, from a run directory, a reslab weights file, or an exported
     `.onnx` / OpenVINO `.xml` file made by `reslab export`.
 
     backend: "auto" (fastest installed), "torch", "onnxruntime", "openvino".
-    precision: "auto" (bf16 only where the hardware has it natively), "fp32", "bf16".
+    precision: "auto" (bf16 only where the hardware has it natively), "fp32", "bf16", "int8". An int8
+      export is int8 whatever "auto" would pick.
+    calibration: for int8 from a checkpoint, the data whose training images calibrate it (default: the
+      data it was trained on; catalog weights need one), or a uint8 image batch already preprocessed;
+      `calibration_images` of them are used (None: DEFAULT_CALIBRATION_IMAGES).
     top_k: the classes `predict` and `top` report per image unless a call asks for another number.
     `model` is always the plain eager PyTorch model (None for an exported file) so Grad-CAM can
     take its gradients; the fast path is a separate BN-folded copy or exported graph.
@@ -59,30 +68,37 @@ class Predictor:
 
     def __init__(self, source: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str = "auto",
                  precision: str = "auto", top_k: int = 5, compile: bool = False, channels_last: bool | None = None,
-                 model: str | None = None, classes=None):
+                 model: str | None = None, classes=None, calibration: str | torch.Tensor | None = None,
+                 calibration_images: int | None = None):
         path = Path(source)
         self.source = path
         device = check_device(device)
         if path.suffix.lower() in (".onnx", ".xml") and path.is_file():
             model, meta = None, read_exported_meta(path)
-            if backend == "auto":
+            precision = _exported_precision(path, meta, precision)
+            if backend == "auto" and precision != "int8":
                 backend = "openvino" if path.suffix.lower() == ".xml" or "onnxruntime" not in installed_backends() \
                     else "onnxruntime"
             if backend == "onnxruntime" and path.suffix.lower() == ".xml":
                 raise ReslabError(f"{path} is an OpenVINO model; use --backend openvino (or the .onnx export)")
+            if backend == "auto" and path.suffix.lower() == ".xml":
+                backend = "openvino"
         else:
             # Any source: a run, a weights file, catalog weights, a foreign checkpoint (see reslab.weights).
             net, meta = load_source(source, model=model, classes=classes, device=device)
             model = net
+        self._calibration = (calibration, calibration_images)
         self._setup(model, meta, device, backend, precision, top_k, compile, channels_last)
 
     @classmethod
     def from_model(cls, model: nn.Module, meta: CheckpointMeta, device: str | torch.device = "cpu", *,
                    backend: str = "torch", precision: str = "fp32", top_k: int = 5, compile: bool = False,
-                   channels_last: bool | None = None) -> Predictor:
+                   channels_last: bool | None = None, calibration: str | torch.Tensor | None = None,
+                   calibration_images: int | None = None) -> Predictor:
         self = cls.__new__(cls)
         self.source = None
         device = check_device(device)
+        self._calibration = (calibration, calibration_images)
         self._setup(model.to(device).eval(), meta, device, backend, precision, top_k, compile, channels_last)
         return self
 
@@ -92,10 +108,21 @@ class Predictor:
         self.preprocessing, self.classes = pre, meta.classes
         self.normalize = normalizer(pre.get("mean", (0.0,)), pre.get("std", (1.0,)), pre.get("in_channels", 3))
         self.top_k = check_top_k(top_k)
-        self.backend = resolve_backend(backend, self.device)
+        if precision not in INFERENCE_PRECISIONS:
+            raise ReslabError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+        self.backend = resolve_backend(backend, self.device, precision)
         if self.backend == "onnxruntime" and precision == "auto":
             precision = "fp32"  # ONNX Runtime has no bf16 CPU kernels: only an explicit bf16 is refused below
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
+        if self.precision == "int8" and model is None:
+            warn_if_saturating(meta, self.source)
+        calibration, count = self._calibration
+        if count is not None:
+            check_calibration_images(count)
+        if (calibration is not None or count is not None) and (self.precision != "int8" or model is None):
+            why = f"{self.source} is quantized already" if model is None else f"precision is {self.precision}"
+            raise ReslabError(f"--calibration and --calibration-images set up int8 quantization, and {why}; drop "
+                              "them" + ("" if model is None else " or give --precision int8"))
         if self.precision == "bf16" and not bf16_is_fast(self.device):
             warnings.warn(f"bf16 on {self.device} without native bf16 arithmetic runs several times slower than "
                           "fp32 (precision 'auto' avoids it)", stacklevel=3)
@@ -122,14 +149,32 @@ class Predictor:
             return self._runner
 
     def _exported(self, fmt: str) -> Path:
-        """This model as an ONNX or OpenVINO file: the given one, a cached export, or a fresh one."""
+        """This model as an ONNX or OpenVINO file ("int8": its quantized ONNX graph): the given one, a cached
+        export, or a fresh one."""
         if self.model is None:  # built from an exported file
-            if fmt == "openvino" or self.source.suffix.lower() == ".onnx":
+            if fmt in ("openvino", "int8") or self.source.suffix.lower() == ".onnx":
                 return self.source
             raise ReslabError(f"{self.source} is an OpenVINO model; it cannot run on {fmt}")
         if fmt not in self._exports:
-            self._exports[fmt] = cached_export(self.model, self.meta, fmt)
+            self._exports[fmt] = self._int8() if fmt == "int8" else cached_export(self.model, self.meta, fmt)
         return self._exports[fmt]
+
+    def _int8(self) -> Path:
+        """The int8 graph, calibrated on the training data's images, cached beside the run (RUN/export/)."""
+        calibration, count = self._calibration
+        count = DEFAULT_CALIBRATION_IMAGES if count is None else count
+        data = None
+        if not isinstance(calibration, torch.Tensor):
+            data = calibration or self.meta.extra.get("data")
+            if not data:
+                raise ReslabError(f"{self.source or self.meta.model} does not say which data it was trained on, and "
+                                  "int8 calibrates on images of it: give the data with --calibration DATA")
+            calibration = calibration_images(data, self.meta, count)
+        folder = None
+        if self.source is not None and self.source.exists():
+            folder = (self.source if self.source.is_dir() else self.source.parent) / "export"
+        return cached_int8(self.model, self.meta, calibration[:count], Int8Settings.for_this_cpu(),
+                           folder=folder, data=data)
 
     def load_images(self, images) -> torch.Tensor:
         """Paths or PIL images -> one uint8 batch, preprocessed as in training."""
@@ -162,3 +207,15 @@ class Predictor:
     def predict(self, images, top_k: int | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (class name, probability) for each image (paths or PIL images)."""
         return self.top(self.probabilities(self.load_images(images)), top_k)
+
+
+def _exported_precision(path: Path, meta: CheckpointMeta, precision: str) -> str:
+    """The precision an exported file runs at: an int8 file is int8, an fp32 one cannot become int8 here."""
+    if int8_info(meta) is not None:
+        if precision not in ("auto", "int8"):
+            raise ReslabError(f"{path} is an int8 model; drop --precision {precision} (or give the fp32 export)")
+        return "int8"
+    if precision == "int8":
+        raise ReslabError(f"{path} is an fp32 export; quantize it with `reslab export SRC --int8 --calibration DATA`,"
+                          " or give the run itself with --precision int8")
+    return precision
