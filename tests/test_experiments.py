@@ -17,12 +17,15 @@ from reslab.errors import ReslabError
 from reslab.experiments import (
     DegradationConfig,
     GradientsConfig,
+    InceptionConfig,
     ResponsesConfig,
     run_degradation,
     run_gradients,
+    run_inception,
     run_responses,
 )
 from reslab.experiments.common import residual_branch_outputs, weight_layers
+from reslab.experiments.inception import DEFAULT_MODELS, plain_twin
 from reslab.experiments.responses import response_std
 from reslab.models import create_model
 
@@ -164,3 +167,76 @@ def test_cli_runs_gradients_and_reports_bad_input_in_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no-such-run" in err
     assert main(["experiment", "degradation", "--depths", "21", "--out", str(tmp_path / "d")]) == 2
     assert "21" in capsys.readouterr().err
+
+
+INCEPTION_TOY = ["plain8", "resnet8", "inception_resnet_small_plain", "inception_resnet_small"]
+
+
+def test_inception_experiment_writes_one_entry_per_net_and_the_figure(env, tmp_path):
+    # 16 px: the smallest input that keeps inception_resnet_small's last grid above 1x1 (16 -> 7 -> 3).
+    config = InceptionConfig(models=INCEPTION_TOY, data=str(env / "shapes"), epochs=2, batch_size=8, image_size=16,
+                             precision="fp32", out=str(tmp_path), quiet=True)
+    summary = run_inception(config)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert list(on_disk["models"]) == INCEPTION_TOY and on_disk["models"].keys() == summary["models"].keys()
+    for name, m in on_disk["models"].items():
+        assert m["model"] == name
+        for key in ("final_train_error", "best_train_error", "mean_train_error", "train_error_eval",
+                    "final_val_error"):
+            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+        assert m["params"] > 0 and m["macs"] > 0 and m["seconds_per_epoch"] > 0
+        assert m["residual"] == (name in ("resnet8", "inception_resnet_small"))
+        assert m["precision"] == "fp32" and (Path(m["run_dir"]) / "last.safetensors").is_file()
+        assert m["epochs_to_target"] is None or 1 <= m["epochs_to_target"] <= 2
+    models = on_disk["models"]
+    # Trained at the experiment's input: 3 classes, 3 channels, 16 px (the digits would be 1 channel).
+    assert models["inception_resnet_small"]["macs"] < 136_461_696 / 3
+    assert models["inception_resnet_small_plain"]["macs"] == models["inception_resnet_small"]["macs"]
+    assert on_disk["pairs"] == [
+        {"plain": "plain8", "residual": "resnet8",
+         "final_train_error_gap": pytest.approx(models["plain8"]["final_train_error"]
+                                                - models["resnet8"]["final_train_error"]),
+         "mean_train_error_gap": pytest.approx(models["plain8"]["mean_train_error"]
+                                               - models["resnet8"]["mean_train_error"])},
+        {"plain": "inception_resnet_small_plain", "residual": "inception_resnet_small",
+         "final_train_error_gap": pytest.approx(models["inception_resnet_small_plain"]["final_train_error"]
+                                                - models["inception_resnet_small"]["final_train_error"]),
+         "mean_train_error_gap": pytest.approx(models["inception_resnet_small_plain"]["mean_train_error"]
+                                               - models["inception_resnet_small"]["mean_train_error"])},
+    ]
+    settings = on_disk["settings"]
+    assert settings["image_size"] == 16 and settings["precision_resolved"] == "fp32"
+    assert settings["train_config"]["lr"] == 0.05  # one recipe for every net
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["epoch"]) for r in rows] == [(n, e) for n in INCEPTION_TOY for e in ("1", "2")]
+    for name, m in models.items():  # the area under the logged curve, per epoch
+        errors = [float(r["train_error"]) for r in rows if r["model"] == name]
+        assert m["mean_train_error"] == pytest.approx(sum(errors) / 2, abs=1e-5)
+        assert m["final_train_error"] == pytest.approx(errors[-1], abs=1e-5)
+    width, height = png_size(tmp_path / "inception.png")
+    assert width > 2.5 * height  # three panels side by side
+    with pytest.raises(ReslabError, match="already holds"):
+        run_inception(config)
+
+
+def test_inception_defaults_are_comparable_nets_at_their_native_input():
+    config = InceptionConfig()
+    assert config.models == DEFAULT_MODELS and config.resolved_image_size() == 32
+    assert InceptionConfig(models=["resnet20", "googlenet"]).resolved_image_size() == 224
+    assert [plain_twin(n) for n in DEFAULT_MODELS] == [None, "plain56", None, "inception_resnet_small_plain"]
+    assert plain_twin("inception_small") is None and plain_twin("preact_resnet20") is None
+
+
+def test_inception_experiment_refuses_bad_settings(capsys):
+    with pytest.raises(ReslabError, match="unknown model 'resnet_57'"):
+        InceptionConfig(models=["resnet_57"])
+    with pytest.raises(ReslabError, match="epochs .*got 0"):
+        InceptionConfig(epochs=0)
+    with pytest.raises(ReslabError, match="image-size .*got 4"):
+        InceptionConfig(image_size=4)
+    with pytest.raises(ReslabError, match="between 0 and 1 .*got 5"):
+        InceptionConfig(target_train_error=5)
+    assert main(["experiment", "inception", "plain56", "plain56"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "plain56" in err

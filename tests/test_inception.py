@@ -16,11 +16,11 @@ from reslab.models import GoogLeNetOutputs, InceptionOutputs, complexity, get_mo
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "inception_state_dicts.json"
 FAMILY = ["googlenet", "inception_v3", "inception_v4", "inception_resnet_v2", "inception_small",
-          "inception_resnet_small"]
+          "inception_resnet_small", "inception_resnet_small_plain"]
 # The smallest inputs worth a test: Inception-v3/v4 and Inception-ResNet-v2 need 75 px to keep a
 # 1x1 grid after their last reduction; GoogLeNet and the 32 px nets take 32.
 TEST_SIZE = {"googlenet": 32, "inception_v3": 75, "inception_v4": 75, "inception_resnet_v2": 75,
-             "inception_small": 32, "inception_resnet_small": 32}
+             "inception_small": 32, "inception_resnet_small": 32, "inception_resnet_small_plain": 32}
 
 
 def _params(model: nn.Module) -> int:
@@ -66,7 +66,7 @@ def test_registry_lists_the_family_with_native_sizes():
     assert list_models("inception") == FAMILY
     sizes = {name: get_model_spec(name).image_size for name in FAMILY}
     assert sizes == {"googlenet": 224, "inception_v3": 299, "inception_v4": 299, "inception_resnet_v2": 299,
-                     "inception_small": 32, "inception_resnet_small": 32}
+                     "inception_small": 32, "inception_resnet_small": 32, "inception_resnet_small_plain": 32}
     assert [n for n in FAMILY if get_model_spec(n).residual] == ["inception_resnet_v2", "inception_resnet_small"]
     assert get_model_spec("googlenet").depth == 22  # "22 layers deep when counting only layers with parameters"
     assert not set(FAMILY) & set(list_models("imagenet") + list_models("cifar"))
@@ -281,6 +281,26 @@ def test_inception_resnet_shows_concats_and_residual_adds(nets):
         i = names.index(add.name)
         assert names[i - 2 : i] == [f"{block}.concat", f"{block}.conv2d"]
     assert names.index("block8.add") == len(names) - 6  # no ReLU after it: conv2d_7b follows
+
+
+def test_plain_twin_is_inception_resnet_small_without_its_adds(nets):
+    """Same branches, widths, depth and MACs; each block's 1x1 conv back to its input width stays
+    (as conv-BN-ReLU), only the scaled add is gone (reslab experiment inception compares the two)."""
+    residual, plain = nets("inception_resnet_small", num_classes=7), nets("inception_resnet_small_plain", num_classes=7)
+    assert get_model_spec("inception_resnet_small_plain").depth == get_model_spec("inception_resnet_small").depth
+    assert not get_model_spec("inception_resnet_small_plain").residual
+    rows = {name: layer_table(net, (3, 32, 32)) for name, net in (("res", residual), ("plain", plain))}
+    assert not any(r.kind == "ResidualAdd" for r in rows["plain"])
+    # Every conv in the same order with the same shape: the 1x1 projection of block k is conv k.
+    convs = {name: [(r.output_shape, r.macs) for r in table if r.kind == "Conv2d"] for name, table in rows.items()}
+    assert convs["plain"] == convs["res"]
+    assert sum(r.kind == "Concat" for r in rows["plain"]) == sum(r.kind == "Concat" for r in rows["res"]) == 11
+    # The linear 1x1's bias (C) becomes BN's scale and shift (2C), 64 + 192 + 376 channels, 3 blocks each.
+    assert _params(plain) - _params(residual) == 3 * (64 + 192 + 376)
+    x = torch.randn(2, 3, 32, 32)
+    plain.eval(), residual.eval()
+    with torch.no_grad():
+        assert plain.forward_features(x).shape == residual.forward_features(x).shape == (2, 384, 7, 7)
 
 
 def test_summary_command_shows_concat_rows(capsys):

@@ -45,9 +45,11 @@ def figure(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float 
     return fig, axes
 
 
-def save(fig, path: str | os.PathLike) -> Path:
-    """Write atomically (see reslab.io) so a reader never sees half a PNG."""
-    fig.tight_layout()
+def save(fig, path: str | os.PathLike, *, tight: bool = True) -> Path:
+    """Write atomically (see reslab.io) so a reader never sees half a PNG; `tight=False` keeps a
+    layout the caller has set (tight_layout would undo room left for a figure legend)."""
+    if tight:
+        fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
@@ -137,6 +139,48 @@ def degradation(curves: dict[str, dict], path: str | os.PathLike) -> Path:
     fig.text(0.5, 0.005, "dashed: training error, solid: validation error", ha="center", fontsize=8)
     fig.subplots_adjust(bottom=0.2)
     return save(fig, path)
+
+
+def inception_curves(curves: dict[str, dict], path: str | os.PathLike) -> Path:
+    """Szegedy et al. 2016, Figures 21-26: training curves of nets with and without residual adds.
+
+    `curves` maps a model name to {"residual", "plain_twin" (the name of the same net without
+    shortcuts, or None), "params", "epoch": [...], "train_error": [...], "train_loss": [...],
+    "seconds": [...] (cumulative training time)}. A residual net and its plain twin share a colour;
+    residual nets are drawn solid, plain ones dashed. Panels: training error against epochs and
+    against seconds (errors as percentages), training loss against epochs (log scale).
+    """
+    # A plain net takes the colour of the residual net whose twin it is.
+    groups = {name: next((r for r, c in curves.items() if c["plain_twin"] == name), name) for name in curves}
+    colours = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(dict.fromkeys(groups.values()))}
+    fig, axes = figure(3, 1, width=4.2, height=3.6)
+    error, loss, timed = axes[0]
+    for name, c in curves.items():
+        style = dict(color=colours[groups[name]], lw=1.8 if c["residual"] else 1.4, ls="-" if c["residual"] else "--",
+                     marker="o" if c["residual"] else "x", ms=3)
+        label = f"{name} ({c['params'] / 1e6:.2f}M)"
+        error.plot(c["epoch"], [100 * e for e in c["train_error"]], label=label, **style)
+        loss.plot(c["epoch"], c["train_loss"], **style)
+        timed.plot(c["seconds"], [100 * e for e in c["train_error"]], **style)
+    error.set_title("training error")
+    error.set_xlabel("epoch")
+    error.set_ylabel("error (%)")
+    loss.set_title("training loss")
+    loss.set_xlabel("epoch")
+    loss.set_yscale("log")
+    timed.set_title("training error against time")
+    timed.set_xlabel("training seconds")
+    for ax in (error, loss):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    # Below the panels: inside one, the legend would hide a curve that has not come down yet.
+    legend_rows = -(-len(curves) // 4)
+    fig.tight_layout()
+    fig.subplots_adjust(bottom=0.2 + 0.07 * legend_rows)
+    fig.legend(*error.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 0.05),
+               ncol=min(len(curves), 4), fontsize=8, frameon=False)
+    fig.text(0.5, 0.01, "solid: residual adds, dashed: none; one colour per net and its plain twin",
+             ha="center", fontsize=8)
+    return save(fig, path, tight=False)
 
 
 def gradient_norms(summary: dict, path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""`reslab experiment degradation|gradients|responses`: the paper's figures, numbers in JSON."""
+"""`reslab experiment degradation|gradients|responses|inception`: the papers' figures, numbers in JSON."""
 
 from __future__ import annotations
 
@@ -43,6 +43,25 @@ def add_arguments(parser) -> None:
     resp.add_argument("--seed", type=int, default=0)
     resp.add_argument("--out", default=None, help="folder (default runs/experiment-responses-<time>/)")
 
+    inc = sub.add_parser("inception", help="plain, residual and inception nets with and without residual adds, "
+                                           "same recipe (Szegedy et al. 2016, section 5)")
+    inc.add_argument("models", nargs="*", metavar="MODEL",
+                     help="registered names (default plain56 resnet56 inception_resnet_small_plain "
+                          "inception_resnet_small)")
+    inc.add_argument("--data", default="digits", help="data set: digits (default), cifar10, cifar100 or a folder")
+    inc.add_argument("--epochs", type=int, default=None, help="epochs per net (default 8)")
+    inc.add_argument("--batch-size", type=int, default=None)
+    inc.add_argument("--lr", type=float, default=None, help="peak lr of the one-cycle schedule (default 0.05)")
+    inc.add_argument("--recipe", choices=["paper", "fast"], default="fast")
+    inc.add_argument("--image-size", type=int, default=None,
+                     help="input side (default: the nets' native input, 32 for the defaults)")
+    inc.add_argument("--target", type=float, default=None, dest="target_train_error", metavar="ERROR",
+                     help="training error whose first epoch is reported (a fraction; default 0.05)")
+    inc.add_argument("--seed", type=int, default=0)
+    inc.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto")
+    inc.add_argument("--out", default=None, help="folder (default runs/experiment-inception-<time>/)")
+    inc.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+
 
 def _announce(console):
     def progress(k: int, n: int, name: str) -> None:
@@ -59,6 +78,8 @@ def run(args) -> int:
         return _degradation(args, console)
     if args.experiment == "gradients":
         return _gradients(args, console)
+    if args.experiment == "inception":
+        return _inception(args, console)
     return _responses(args, console)
 
 
@@ -103,6 +124,10 @@ def _responses(args, console) -> int:
     return 0
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def _degradation(args, console) -> int:
     from rich.table import Table
 
@@ -118,13 +143,45 @@ def _degradation(args, console) -> int:
                 "seconds"):
         table.add_column(col, justify="left" if col == "model" else "right")
 
-    def pct(value):
-        return "-" if value is None else f"{100 * value:.1f}%"
-
     for name, m in summary["models"].items():
-        table.add_row(name, pct(m["final_train_error"]), pct(m.get("train_error_eval")),
-                      pct(m["best_train_error"]), pct(m["final_val_error"]), pct(m["test_error"]),
+        table.add_row(name, _pct(m["final_train_error"]), _pct(m.get("train_error_eval")),
+                      _pct(m["best_train_error"]), _pct(m["final_val_error"]), _pct(m["test_error"]),
                       f"{m['seconds']:.0f}")
     console.print(table)
     print(f"wrote {summary['settings']['out']}/summary.json, metrics.csv and degradation.png")
     return 0
+
+
+def _inception(args, console) -> int:
+    from reslab.experiments import InceptionConfig, run_inception
+
+    options = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "image_size", "target_train_error")
+               if getattr(args, k) is not None}
+    if args.models:
+        options["models"] = args.models
+    config = InceptionConfig(data=args.data, recipe=args.recipe, seed=args.seed, precision=args.precision,
+                             out=args.out, quiet=args.quiet, **options)
+    summary = run_inception(config, progress=_announce(console))
+    console.print(_inception_table(summary))
+    print(f"wrote {summary['settings']['out']}/summary.json, metrics.csv and inception.png")
+    return 0
+
+
+def _inception_table(summary: dict):
+    from rich import box
+    from rich.table import Table
+
+    settings = summary["settings"]
+    # Without vertical rules and with one space between columns, the table fits 80 columns with the
+    # longest default name (28 characters).
+    table = Table(title=f"{settings['epochs']} epochs, {settings['image_size']} px, {settings['precision_resolved']}; "
+                        f"train error: final, mean over the epochs, first epoch <= "
+                        f"{_pct(settings['target_train_error'])}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for col in ("model", "params", "final", "mean", "epoch", "s/epoch", "test err"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
+    for name, m in summary["models"].items():
+        table.add_row(name, f"{m['params'] / 1e6:.2f}M", _pct(m["final_train_error"]), _pct(m["mean_train_error"]),
+                      "-" if m["epochs_to_target"] is None else str(m["epochs_to_target"]),
+                      f"{m['seconds_per_epoch']:.1f}", _pct(m["test_error"]))
+    return table

@@ -5,7 +5,8 @@
   Vision"): torchvision's `inception_v3`.
 - Inception-v4 and Inception-ResNet-v2 (Szegedy et al. 2016, "Inception-v4, Inception-ResNet and
   the Impact of Residual Connections on Learning"): timm's `inception_v4` and `inception_resnet_v2`.
-- `inception_small` and `inception_resnet_small`: the same modules, narrow and shallow, for 32 px.
+- `inception_small` and `inception_resnet_small`: the same modules, narrow and shallow, for 32 px;
+  `inception_resnet_small_plain`: the latter without its residual adds.
 
 A net is a list of (name, item) lines: an item is a layer string ("3x3/2V:32"), an inception
 module (`Mixed`), a tuple of items (an nn.Sequential, as timm nests `features` and `repeat`), or an
@@ -425,25 +426,51 @@ INCEPTION_SMALL = Arch(
     source="reslab: GoogLeNet at 1/4 width for 32 px",
 )
 
-# Inception-ResNet-v2's blocks at a quarter of their inner widths and shallow (3, 3 and 3 blocks
-# where it has 10, 20 and 10), on a 3x3 stem that keeps the 32x32 grid.
-INCEPTION_RESNET_SMALL = Arch(
-    body=(
+
+def inception_resnet_small_body(shortcuts: bool = True) -> tuple:
+    """Inception-ResNet-v2's blocks at a quarter of their inner widths and shallow (3, 3 and 3 blocks
+    where it has 10, 20 and 10), on a 3x3 stem that keeps the 32x32 grid.
+
+    `shortcuts=False` is the same net without its residual adds, to isolate what the shortcut does
+    (the paper compares Inception-ResNet with Inception-v4, section 5, which differ in more than
+    that). Each block keeps its branches and its 1x1 conv back to the block's input width (the
+    second argument of `block` below), so widths, depth and MACs are the same; the 1x1 conv becomes
+    conv-BN-ReLU, like every other conv of a non-residual inception net, and nothing is added.
+    """
+
+    def block(module: Mixed, width: int):
+        return module if shortcuts else (Mixed(module.branches), f"1x1:{width}")
+
+    return (
         ("stem", "3x3:64"),
-        ("blocks_a", (block35(8, (8, 8), (8, 12, 16)),) * 3),
+        ("blocks_a", (block(block35(8, (8, 8), (8, 12, 16)), 64),) * 3),
         ("reduction_a", reduction_a(48, 48, 64, 64)),
-        ("blocks_b", (block17(48, (32, 40, 48)),) * 3),
+        ("blocks_b", (block(block17(48, (32, 40, 48)), 192),) * 3),
         ("reduction_b", inception_resnet_reduction_b((48, 64), (48, 56), (48, 56, 64))),
-        ("blocks_c", (block8(48, (48, 56, 64)),) * 2),
-        ("block_last", block8(48, (48, 56, 64), scale=1.0, relu=False)),
+        ("blocks_c", (block(block8(48, (48, 56, 64)), 376),) * 2),
+        ("block_last", block(block8(48, (48, 56, 64), scale=1.0, relu=False), 376)),
         ("conv_head", "1x1:384"),
-    ),
+    )
+
+
+INCEPTION_RESNET_SMALL = Arch(
+    body=inception_resnet_small_body(),
     block="inception_resnet_v2",
     image_size=32,
     head=Head(drop=None),
     style=TIMM,
     num_classes=10,
     source="reslab: Inception-ResNet-v2 blocks, narrow and shallow, for 32 px",
+)
+
+INCEPTION_RESNET_SMALL_PLAIN = Arch(
+    body=inception_resnet_small_body(shortcuts=False),
+    block="inception_resnet_v2_plain",
+    image_size=32,
+    head=Head(drop=None),
+    style=TIMM,
+    num_classes=10,
+    source="reslab: inception_resnet_small without its residual adds",
 )
 
 ARCHS = {
@@ -453,6 +480,7 @@ ARCHS = {
     "inception_resnet_v2": INCEPTION_RESNET_V2,
     "inception_small": INCEPTION_SMALL,
     "inception_resnet_small": INCEPTION_RESNET_SMALL,
+    "inception_resnet_small_plain": INCEPTION_RESNET_SMALL_PLAIN,
 }
 
 
