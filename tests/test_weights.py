@@ -214,3 +214,14 @@ def test_keras_caffe_weights_read_rgb_after_load(hub, monkeypatch):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(flipped.eval()(x), rgb_model.eval()(x.flip(1)), atol=1e-5)
+
+
+def test_export_of_catalog_weights_keeps_their_classes_and_preprocessing(hub, tmp_path, capsys):
+    entry, _, _ = hub
+    out = tmp_path / "shapes.onnx"
+    assert main(["export", entry.name, "--format", "onnx", "--out", str(out)]) == 0
+    assert "max abs difference" in capsys.readouterr().out
+    from reslab.inference.export import read_exported_meta
+
+    meta = read_exported_meta(out)
+    assert meta.classes == list(CLASSES) and meta.preprocessing["std"] == [0.25] * 3

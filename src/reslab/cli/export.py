@@ -44,10 +44,7 @@ def run(args) -> int:
         raise ReslabError(f"{', '.join(given)}: for an int8 export only; add --int8")
     from reslab.inference.export import TOLERANCE, export
 
-    if args.model is not None or args.classes is not None:
-        raise ReslabError("--model/--classes describe a foreign checkpoint, which only --int8 exports take; export "
-                          "a reslab run or weights file (or add --int8)")
-    result = export(args.source, args.format, args.out, opset=args.opset)
+    result = export(args.source, args.format, args.out, opset=args.opset, model_name=args.model, classes=args.classes)
     print(f"wrote {result.path} ({result.format}, dynamic batch, BatchNorm folded)")
     if result.max_abs_diff is None:
         print("not checked: install onnxruntime or openvino to compare with PyTorch")

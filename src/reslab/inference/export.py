@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from reslab.checkpoint import CheckpointMeta, load_model, resolve
+from reslab.checkpoint import CheckpointMeta, resolve
 from reslab.errors import ReslabError
 from reslab.inference.backends import OnnxRuntimeRunner, OpenVinoRunner, installed_backends
 from reslab.inference.fold import fold_batchnorm
@@ -166,15 +166,24 @@ def check_export(model: nn.Module, meta: CheckpointMeta, path: Path, fmt: str,
 
 
 def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
-           opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Export a run directory or reslab weights file; the output is checked (fp32 within TOLERANCE)."""
+           opset: int = DEFAULT_OPSET, model_name: str | None = None, classes=None) -> ExportResult:
+    """Export any model source (a run, a weights file, catalog weights, a foreign checkpoint with
+    `model_name`; see reslab.weights.load_source); the output is checked (fp32 within TOLERANCE)."""
+    from reslab.weights.source import load_source
+
     if fmt not in FORMATS:
         raise ReslabError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not 7 <= opset <= 21:
         raise ReslabError(f"--opset must be between 7 and 21, got {opset}")
-    checkpoint = resolve(source)
-    model, meta = load_model(checkpoint)
-    out = Path(out) if out is not None else checkpoint.with_suffix(FORMATS[fmt])
+    model, meta = load_source(source, model=model_name, classes=classes)
+    if out is not None:
+        out = Path(out)
+    elif Path(source).exists():
+        out = resolve(source).with_suffix(FORMATS[fmt])
+    else:  # catalog weights or a URL: named after them, in the current folder
+        from reslab.train.state import safe_name
+
+        out = Path(safe_name(str(source)) + FORMATS[fmt])
     if fmt == "openvino" and out.suffix != ".xml":
         raise ReslabError(f"an OpenVINO model is an .xml file (plus .bin), got --out {str(out)!r}")
     writer = export_onnx if fmt == "onnx" else export_openvino
