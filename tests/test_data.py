@@ -69,10 +69,12 @@ def test_augmentation_keeps_shape_dtype_and_labels(policy):
     seen = 0
     for x, y in loader:
         assert x.shape == (len(y), 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
-        # The centre pixel comes from the image itself under every policy (crops move at most 4 px;
-        # grid_sample of a flat image with reflection padding stays flat).
+        # The centre pixel comes from the image itself under every geometric policy (crops move at
+        # most 4 px; grid_sample of a flat image with reflection padding stays flat); TrivialAugment's
+        # colour operations change it (tests/test_recipe.py checks those).
         expected = ((y * 20 + 10).float() / 255 - 0.5) / 0.25
-        assert torch.allclose(x[:, :, 8, 8], expected[:, None].expand(-1, 3), atol=1e-4)
+        if not POLICIES[policy].trivial:
+            assert torch.allclose(x[:, :, 8, 8], expected[:, None].expand(-1, 3), atol=1e-4)
         seen += len(y)
     assert seen == len(split)
 

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predict", "top-k classes for images"),
     "export": ("export", "export to ONNX or OpenVINO, checked against PyTorch"),
     "bench": ("bench", "training or inference throughput"),
-    "experiment": ("experiment", "experiments: degradation, gradients, responses (He et al.), inception (Szegedy et al. 2016)"),
+    "experiment": ("experiment", "degradation, gradients, responses (He et al.); inception (Szegedy et al.)"),
     "explain": ("explain", "Grad-CAM overlays as PNG files"),
     "serve": ("serve", "local HTTP API and web page"),
 }

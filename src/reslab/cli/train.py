@@ -14,14 +14,18 @@ RESUME_OPTIONS = {"resume", "epochs", "quiet", "device", "nproc", "dist_timeout"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--model", help="model name (default resnet20; `reslab models` lists them)")
+    add("--model", help="model name (default resnet20; a photo folder: resnet18, see README \"Train on your own "
+                        "photos\"; `reslab models` lists them)")
     add("--data", help="digits (default), cifar10, cifar100, or an image folder")
     add("--data-dir", help="cache folder for downloads and decoded folders (default $RESLAB_CACHE or "
                            "~/.cache/reslab)")
     add("--recipe", help="paper (section 4.2: SGD 0.1, lr/10 at 50%% and 75%%), fast (default: one-cycle, "
                          "label smoothing) or finetune (--pretrained runs: the head alone first, then every layer "
                          "with lower lrs for earlier stages)")
-    add("--epochs", type=int, help="epochs (recipe default: fast 6, paper 182)")
+    add("--epochs", type=int, help="epochs (recipe default: fast 6, paper 182; a photo folder from scratch: 30)")
+    add("--budget", metavar="DURATION", help="wall-clock budget (15m, 900s, 1h30m): the epochs are chosen from "
+                                             "this machine's measured speed so that training and evaluation fit; "
+                                             "excludes --epochs")
     add("--batch-size", type=int, help="batch size (recipe default: fast 64, paper 128)")
     add("--lr", type=float, help="peak learning rate (recipe default)")
     add("--optimizer", help="sgd, adam or adamw (default sgd)")
@@ -31,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--schedule", help="step, onecycle, cosine or constant (recipe default)")
     add("--warmup-epochs", type=float, help="epochs of linear warm-up")
     add("--label-smoothing", type=float, help="label smoothing (fast 0.1, paper 0)")
-    add("--image-size", type=int, help="input size (default: the model family's, 32 CIFAR / 224 ImageNet)")
+    add("--image-size", type=int, help="input size (default: the model family's, 32 CIFAR / 224 ImageNet; a photo "
+                                       "folder with no --model: 112)")
     add("--seed", type=int, help="seed of the split, the initial weights and the batch order, in [0, 2**63) "
                              "(default 0)")
     add("--precision", help="fp32, bf16 or auto (default: bf16 only where the hardware runs it fast)")
@@ -41,8 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-clip", type=float, help="clip the global gradient norm to this")
     add("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without a better val accuracy")
     add("--val-split", type=float, help="fraction of the training data held out for validation")
-    add("--augment", help="augmentation policy: none, cifar, folder, keras (default: the data's)")
+    add("--augment", help="augmentation policy: none, cifar, folder, keras, trivial (default: the data's; a photo "
+                          "folder from scratch: trivial)")
+    add("--random-erasing", type=float, metavar="P", help="erase a random rectangle of each training image with "
+                                                          "probability P (default 0)")
+    add("--mixup", type=float, metavar="ALPHA", help="mixup of each batch with itself reversed, lambda ~ "
+                                                     "Beta(ALPHA, ALPHA) (default 0: off)")
+    add("--cutmix", type=float, metavar="ALPHA", help="cutmix likewise (default 0: off; with --mixup, one of the "
+                                                      "two per batch)")
+    add("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights (decay per "
+                                                   "step, e.g. 0.99), evaluated each epoch and kept as the best "
+                                                   "weights when better (default 0: off)")
     add("--shortcut", help="shortcut option A, B or C (paper section 3.3; default: the model's)")
+    add("--stem", help="ResNet stem: imagenet (7x7/2 conv and max pool), deep (three 3x3 convs and max pool, "
+                       "timm's resnet*d) or cifar (one 3x3 conv); default: the model's")
     add("--out", help="run directory (default runs/<model>-<data>-<time>/)")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     add("--pretrained", metavar="SRC", help="start from these weights: imagenet or cifar10 (the best catalog "
@@ -74,9 +91,12 @@ def config_from_args(args):
     from dataclasses import fields
 
     from reslab.train import TrainConfig
+    from reslab.train.config import parse_duration
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "budget" in given:
+        given["budget"] = parse_duration(given["budget"])
     if "resume" in given:
         extra = sorted(set(given) - RESUME_OPTIONS)
         if extra:
@@ -105,8 +125,24 @@ def run(args) -> int:
         return "-" if v is None else f"{100 * v:.2f}%"
 
     print(f"{summary['model']} on {summary['data']}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s "
-          f"({summary['images_per_second']} img/s), best val acc {pct(summary['best_val_acc'])}, "
+          f"({summary['images_per_second']} img/s), best val acc {pct(summary['best_val_acc'])}"
+          f"{' (EMA weights)' if summary.get('best_weights') == 'ema' else ''}, "
           f"test acc {pct(summary['test_acc'])}; run in {run_dir}")
+    if summary.get("budget"):
+        print(budget_line(summary["budget"]))
     if summary.get("frozen_params"):
         print(f"parameters: {summary['trainable_params']:,} trainable, {summary['frozen_params']:,} frozen")
     return 0
+
+
+def budget_line(budget: dict) -> str:
+    """How a --budget run spent its time, in one line."""
+    from reslab.train.config import format_duration
+
+    used = budget.get("used_seconds")
+    spent = f"used {format_duration(used)} of {format_duration(budget['seconds'])}" if used is not None else (
+        f"budget {format_duration(budget['seconds'])}")
+    return (f"{spent}: {budget['setup_seconds']:.0f}s loading and measuring ({budget['step_seconds']:.3g} s a step), "
+            f"then {budget['epochs']} epochs planned at {budget['epoch_seconds']:.1f}s each with evaluation and "
+            f"checkpoint, and {budget['final_seconds']:.1f}s for the test pass "
+            f"(planned {format_duration(budget['planned_seconds'])})")

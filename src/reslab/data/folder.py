@@ -41,6 +41,25 @@ MMAP_BYTES = 2 << 30
 MIN_FILES_FOR_WORKERS = 64
 
 
+# A photo folder trained from scratch (no --pretrained, the fast recipe) and given no --model: the
+# model, input size and ingredients that learned best within a wall-clock budget on 2 CPU cores
+# (benchmarks/RESULTS.md, "Small photo folders"); every one of them gives way to its option.
+PHOTO_DEFAULTS = {"model": "resnet18", "stem": "imagenet", "image_size": 112, "epochs": 30, "lr": 0.05,
+                  "augment": "trivial", "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0}
+# The part of PHOTO_DEFAULTS that is one choice with the model: an explicit --model keeps its own.
+PHOTO_MODEL_CHOICE = ("stem", "image_size")
+
+
+def is_image_folder(spec: str) -> bool:
+    """Whether --data `spec` names an image folder (rather than digits, CIFAR, or nothing)."""
+    from reslab.data import cifar
+
+    if spec in ("digits", *cifar.ARCHIVES):
+        return False
+    path = Path(spec).expanduser()
+    return path.is_dir() and not cifar.is_cifar_path(path)
+
+
 class DataWarning(UserWarning):
     """Something in the user's data was skipped; the run goes on."""
 

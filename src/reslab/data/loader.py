@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from reslab.data.augment import augment as apply_policy
-from reslab.data.augment import get_policy
+from reslab.data.augment import erase, get_policy, mix
 from reslab.data.bundle import Split
 from reslab.errors import ReslabError
 
@@ -50,6 +50,10 @@ class BatchLoader:
     C x H x W per-pixel mean image (paper section 4.2, `Split.pixel_mean()`), and `std=None`
     skips the division.
 
+    After the policy and normalization: random erasing with probability `erasing` (the erased
+    rectangle becomes the mean), then with `mixup` or `cutmix` (Beta alphas; 0 is off) every batch
+    is mixed with itself reversed and y becomes soft targets, N x `num_classes` float.
+
     Distributed training: each of `world_size` ranks gets every `world_size`-th example of the
     epoch's permutation. Without `drop_last` the permutation is first padded with its own first
     examples up to a multiple of `world_size` (so a few examples appear twice in an epoch, as
@@ -74,9 +78,15 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        num_classes: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ReslabError(f"rank must be in [0, {world_size}), got {rank}")
+        if (mixup > 0 or cutmix > 0) and not num_classes:
+            raise ReslabError("mixup and cutmix make soft targets: give the loader num_classes")
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -88,6 +98,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.dtype = dtype
+        self.erasing, self.mixup, self.cutmix, self.num_classes = erasing, mixup, cutmix, num_classes
         self.epoch = 0
         scale, shift = normalization(mean, std, split.images.shape[1])
         self._scale, self._shift = scale.to(self.device), shift.to(self.device)
@@ -128,12 +139,18 @@ class BatchLoader:
             index = mine[start : start + self.batch_size]
             images = self.split.images[index].to(self.device, non_blocking=True)
             labels = self.split.labels[index].to(self.device, non_blocking=True)
-            yield self.transform(images, generator), labels
+            x = self.transform(images, generator)
+            if self.mixup > 0 or self.cutmix > 0:
+                x, labels = mix(x, labels, self.num_classes, mixup=self.mixup, cutmix=self.cutmix,
+                                generator=generator)
+            yield x, labels
 
     def transform(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 batch -> augmented, normalized batch in the loader's dtype and memory format."""
         x = apply_policy(images, self.policy, generator)
         x = torch.addcmul(self._shift, x, self._scale)
+        if self.erasing > 0:
+            x = erase(x, self.erasing, generator)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.dtype)

@@ -18,7 +18,7 @@ from torch import nn
 from reslab.errors import ReslabError
 from reslab.models.blocks import BLOCKS
 from reslab.models.inception import ARCHS, Arch, InceptionNet
-from reslab.models.resnet import SHORTCUTS, ResNet
+from reslab.models.resnet import FAMILY_STEMS, SHORTCUTS, STEMS, ResNet
 
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
@@ -166,15 +166,11 @@ def _cifar_spec_for(name: str) -> ModelSpec | None:
 FAMILIES = ("imagenet", "cifar", "inception")
 
 
-def list_models(family: str | None = None, *, pretrained: bool = False) -> list[str]:
-    """Registered model names, optionally of one family ("imagenet", "cifar" or "inception"); with
-    `pretrained=True`, the weights catalog's `MODEL.TAG` names instead (timm's convention)."""
+def list_models(family: str | None = None) -> list[str]:
+    """Registered model names, optionally of one family ("imagenet", "cifar" or "inception").
+    (`reslab.list_models(pretrained=True)` lists the weights catalog: reslab.weights.)"""
     if family is not None and family not in FAMILIES:
         raise ReslabError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
-    if pretrained:
-        from reslab.weights import list_weights
-
-        return [e.name for e in list_weights() if family is None or get_model_spec(e.model).family == family]
     return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
 
 
@@ -189,25 +185,25 @@ def get_model_spec(name: str) -> ModelSpec | InceptionSpec:
     return spec
 
 
-OPTIONS = ("num_classes", "in_channels", "zero_init_residual", "shortcut", "stride_in_1x1", "aux_logits",
+OPTIONS = ("num_classes", "in_channels", "zero_init_residual", "shortcut", "stride_in_1x1", "stem", "aux_logits",
            "transform_input")
 
 
-def create_model(name: str, pretrained: bool = False, **options) -> nn.Module:
-    """Build a registered model; `create_model("resnet50.tv2_in1k", pretrained=True)` loads catalog weights
-    (see reslab.weights), with a fresh head when `num_classes` differs from theirs.
+def create_model(name: str, **options) -> nn.Module:
+    """Build a registered model (randomly initialized; `reslab.create_model("resnet50.tv2_in1k",
+    pretrained=True)` adds the weights catalog: reslab.weights, a layer above this one).
 
     Options on every model: `num_classes` (default 1000 for ImageNet-sized nets, 10 for the 32 px
     ones; 0 returns pooled features), `in_channels` (3; 1 for grayscale), `zero_init_residual`
     (False; each residual block starts as the identity). ResNets: `shortcut` ("A", "B" or "C"),
     `stride_in_1x1` (ImageNet bottleneck nets: the original paper's and Keras's placement of the
-    downsampling stride; torchvision's "v1.5" placement by default). GoogLeNet and Inception-v3:
+    downsampling stride; torchvision's "v1.5" placement by default), `stem` ("imagenet": 7x7/2 conv
+    and max pool, the ImageNet nets' default; "cifar": one 3x3/1 conv, the CIFAR nets' default;
+    "deep": three 3x3 convs and the max pool, as timm's resnet*d). GoogLeNet and Inception-v3:
     `aux_logits` (False; the auxiliary classifiers, trained but unused at inference) and
     `transform_input` (False; torchvision's re-scaling of ImageNet-normalized input for their
     ported weights).
     """
-    if pretrained or (isinstance(name, str) and "." in name):
-        return _pretrained(name, pretrained, options)
     spec = get_model_spec(name)
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -222,20 +218,8 @@ def create_model(name: str, pretrained: bool = False, **options) -> nn.Module:
     return build(spec, num_classes=num_classes, in_channels=in_channels, **options)
 
 
-def _pretrained(name: str, pretrained: bool, options: dict) -> nn.Module:
-    """`MODEL.TAG` (its weights when `pretrained`), or `MODEL` with pretrained=True (its best ImageNet weights)."""
-    from reslab.weights import default_weights, get_weights, load_pretrained_model
-
-    entry = get_weights(name) if "." in name else default_weights(name)
-    if not pretrained:  # the architecture the weights need, randomly initialized (timm does the same)
-        return create_model(entry.model, **{"num_classes": len(entry.class_names()), **entry.model_options, **options})
-    num_classes = options.pop("num_classes", None)
-    model, _ = load_pretrained_model(entry.name, num_classes=num_classes, **options)
-    return model
-
-
 def _build_resnet(spec: ModelSpec, *, num_classes: int, in_channels: int, shortcut=None, stride_in_1x1=False,
-                  zero_init_residual=False, aux_logits=False, transform_input=False) -> ResNet:
+                  stem=None, zero_init_residual=False, aux_logits=False, transform_input=False) -> ResNet:
     name = spec.name
     if aux_logits:
         raise ReslabError(f"create_model({name!r}): aux_logits adds the auxiliary classifiers of GoogLeNet and "
@@ -254,11 +238,19 @@ def _build_resnet(spec: ModelSpec, *, num_classes: int, in_channels: int, shortc
     if stride_in_1x1 and spec.family != "imagenet":
         raise ReslabError(f"create_model({name!r}): stride_in_1x1 places the stride of ImageNet bottleneck "
                           "blocks; CIFAR nets downsample in their first 3x3 conv as the paper does")
+    if stem is None:
+        stem = FAMILY_STEMS[spec.family]
+    elif stem not in STEMS:
+        raise ReslabError(f"create_model({name!r}): stem must be one of {', '.join(map(repr, STEMS))}, got {stem!r}")
+    elif spec.family == "cifar" and stem != "cifar":
+        raise ReslabError(f"create_model({name!r}): a CIFAR net's first stage takes the {spec.widths[0]} channels "
+                          f"of its own 3x3 stem at full resolution; stem={stem!r} belongs to the ImageNet nets "
+                          "(e.g. resnet18)")
     return ResNet(
         BLOCKS[spec.block],
         list(spec.depths),
         list(spec.widths),
-        stem=spec.family,
+        stem=stem,
         num_classes=num_classes,
         in_channels=in_channels,
         groups=spec.groups,
@@ -271,8 +263,11 @@ def _build_resnet(spec: ModelSpec, *, num_classes: int, in_channels: int, shortc
 
 def _build_inception(spec: InceptionSpec, *, num_classes: int, in_channels: int, aux_logits=False,
                      transform_input=False, zero_init_residual=False, shortcut=None,
-                     stride_in_1x1=False) -> InceptionNet:
+                     stride_in_1x1=False, stem=None) -> InceptionNet:
     name, arch = spec.name, spec.arch
+    if stem is not None:
+        raise ReslabError(f"create_model({name!r}): stem picks a ResNet's stem; {name}'s stem is part of its "
+                          f"architecture ({arch.source}), so stem={stem!r} cannot apply")
     if shortcut is not None:
         kind = "adds each block's branches to an identity shortcut" if arch.residual else "has no shortcuts"
         raise ReslabError(f"create_model({name!r}): shortcut picks a ResNet's shortcut option (paper section "

@@ -8,12 +8,38 @@ filters, three stages of 2n layers with 16/32/64 filters, global pooling, fc).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from reslab.models.blocks import ZeroPadShortcut, conv1x1
 
 SHORTCUTS = ("A", "B", "C")
+
+
+@dataclass(frozen=True)
+class Stem:
+    """What comes before the first stage: convolutions (the first one strided), then an optional
+    3x3/2 max pool. A width of 0 means the first stage's width."""
+
+    kernel: int
+    widths: tuple[int, ...]
+    stride: int
+    maxpool: bool
+
+
+STEMS = {
+    # Paper Table 1: 7x7/2 conv and 3x3/2 max pool (the start of conv2_x): 224 px becomes 56.
+    "imagenet": Stem(7, (64,), 2, True),
+    # Section 4.2: "The first layer is 3x3 convolutions", stride 1, no pool: 32 px stays 32.
+    "cifar": Stem(3, (0,), 1, False),
+    # The deep stem of He et al. 2019 ("Bag of Tricks", ResNet-C) and timm's resnet*d: three 3x3
+    # convolutions (32, 32, 64) see the same 7x7 window with more nonlinearity, then the max pool.
+    "deep": Stem(3, (32, 32, 64), 2, True),
+}
+# The stem each family's nets have unless `stem=` says otherwise (torchvision / the paper exactly).
+FAMILY_STEMS = {"imagenet": "imagenet", "cifar": "cifar"}
 
 
 def make_shortcut(block, inplanes: int, outplanes: int, stride: int, shortcut: str) -> nn.Module | None:
@@ -66,6 +92,21 @@ def make_stage(
     return nn.Sequential(*layers)
 
 
+def _stem_convs(in_channels: int, widths: list[int], kernel: int, stride: int) -> nn.Module:
+    """One conv (key `conv1`, as torchvision), or a conv-BN-ReLU chain whose last conv is followed by
+    the net's `bn1` (keys `conv1.0` ... `conv1.6`, as timm's deep stem)."""
+    if len(widths) == 1:
+        return nn.Conv2d(in_channels, widths[0], kernel, stride=stride, padding=kernel // 2, bias=False)
+    layers: list[nn.Module] = []
+    for i, width in enumerate(widths):
+        layers.append(nn.Conv2d(in_channels, width, kernel, stride=stride if i == 0 else 1, padding=kernel // 2,
+                                bias=False))
+        if i < len(widths) - 1:
+            layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers)
+
+
 class ResNet(nn.Module):
     """Stem -> stages (`layer1`..`layerN`) -> global average pool -> `fc`.
 
@@ -81,7 +122,7 @@ class ResNet(nn.Module):
         depths: list[int],
         widths: list[int],
         *,
-        stem: str = "imagenet",
+        stem: str | Stem = "imagenet",
         num_classes: int = 1000,
         in_channels: int = 3,
         groups: int = 1,
@@ -94,18 +135,15 @@ class ResNet(nn.Module):
         self.block = block
         self.stem_type = stem
         self.preact = block.preact
-        stem_width = 64 if stem == "imagenet" else widths[0]
-        if stem == "imagenet":
-            # 7x7/2 conv and 3x3/2 max pool (paper Table 1, conv1 and the start of conv2_x).
-            self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
-        else:
-            # CIFAR (section 4.2): "The first layer is 3x3 convolutions" with 16 filters.
-            self.conv1 = nn.Conv2d(in_channels, stem_width, 3, stride=1, padding=1, bias=False)
+        spec = STEMS[stem] if isinstance(stem, str) else stem
+        stem_widths = [w or widths[0] for w in spec.widths]
+        stem_width = stem_widths[-1]
+        self.conv1 = _stem_convs(in_channels, stem_widths, spec.kernel, spec.stride)
         if not self.preact:
             # A pre-activation net leaves the stem's BN-ReLU to the first block (He et al., 2016).
             self.bn1 = nn.BatchNorm2d(stem_width)
             self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else None
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if spec.maxpool else None
 
         inplanes = stem_width
         self.stage_names = []

@@ -17,6 +17,15 @@ Recipe defaults (a field given explicitly always wins):
 
 The paper divides the lr by 10 at 32k and 48k of 64k iterations: 50% and 75% of training.
 
+A photo folder trained from scratch with the fast recipe takes its own defaults where options are
+left out: the model, input size, epochs, SGD learning rate and ingredients (augmentation policy,
+random erasing, mixup, cutmix, EMA) of `reslab.data.folder.PHOTO_DEFAULTS`, chosen by measurement
+(benchmarks/RESULTS.md, "Small photo folders"). Other data (digits, CIFAR) keep resnet20 and
+every ingredient off.
+
+`budget` (seconds) leaves `epochs` open: the trainer measures this machine's step and evaluation
+times, then fixes the epochs that fit (`with_epochs`); config.json records the epochs so chosen.
+
 `finetune` (for `--pretrained` runs; fastai's `fine_tune` shape, Howard and Ruder 2018): the new
 head alone for `head_epochs` with the body frozen (BatchNorm in eval), at lr * head_lr_mult on a
 cosine; then every layer, one-cycle, the last stage at lr and each earlier part (stage, stem) at
@@ -68,10 +77,11 @@ ONECYCLE_WARMUP = 0.25
 class TrainConfig:
     """Every option of a training run. `None` means "the recipe's default" until `resolve()`."""
 
-    model: str = "resnet20"
+    model: str | None = None  # None: resnet20, or the photo-folder default
     data: str = "digits"
     data_dir: str | None = None  # cache for downloads and decoded folders
     epochs: int | None = None
+    budget: float | None = None  # seconds of wall clock that fix the epochs; excludes `epochs`
     batch_size: int | None = None
     lr: float | None = None
     optimizer: str | None = None
@@ -91,7 +101,12 @@ class TrainConfig:
     early_stop: int | None = None  # patience in epochs without a better val accuracy; None: off
     val_split: float | None = None  # None: the data's default
     augment: str | None = None  # None: the data's default policy
+    random_erasing: float | None = None  # probability of erasing a rectangle of each image; 0: off
+    mixup: float | None = None  # Beta alpha of mixup; 0: off
+    cutmix: float | None = None  # Beta alpha of cutmix; 0: off (with mixup too: one of them per batch)
+    ema: float | None = None  # decay per step of an exponential moving average of the weights; 0: off
     shortcut: str | None = None  # CIFAR/ImageNet shortcut option A/B/C; None: the model's default
+    stem: str | None = None  # ResNet stem (reslab.models.resnet.STEMS); None: the model's default
     out: str | None = None  # None: runs/<model>-<data>-<time>/
     resume: str | None = None
     pretrained: str | None = None
@@ -124,14 +139,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolve(self) -> TrainConfig:
-        """A copy with every recipe default filled in and every value checked."""
+        """A copy with every recipe default filled in and every value checked. With a `budget` and
+        no `epochs`, the epochs (and what depends on them) stay open for `with_epochs`."""
         if self.recipe not in RECIPES:
             raise ReslabError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.budget is not None and self.epochs is not None:
+            raise ReslabError(f"--budget {format_duration(self.budget)} chooses the number of epochs itself, so "
+                              f"--epochs {self.epochs} cannot come with it; drop one of them")
         cfg = dataclasses.replace(self)
+        for key, value in photo_defaults(cfg).items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.model is None:
+            cfg.model = "resnet20"
+        for key in ("random_erasing", "mixup", "cutmix", "ema"):
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, 0.0)
         if cfg.optimizer not in (None, "sgd") and cfg.nesterov is None:
             cfg.nesterov = False  # Nesterov momentum is an SGD option
         for key, value in _RECIPE_DEFAULTS[cfg.recipe].items():
-            if getattr(cfg, key) is None:
+            if getattr(cfg, key) is None and not (key == "epochs" and cfg.budget is not None):
                 setattr(cfg, key, value)
         if cfg.optimizer not in OPTIMIZERS:
             raise ReslabError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -144,10 +171,22 @@ class TrainConfig:
         for key, value in (("head_lr_mult", 1.0), ("head_epochs", 0), ("layer_decay", 1.0)):
             if getattr(cfg, key) is None:  # the paper recipe: one lr for every layer
                 setattr(cfg, key, value)
-        if cfg.warmup_epochs is None:  # of the epochs after the head epochs (the finetune recipe's)
-            span = cfg.epochs - (cfg.head_epochs if isinstance(cfg.head_epochs, int) else 0)
-            cfg.warmup_epochs = ONECYCLE_WARMUP * span if cfg.schedule == "onecycle" else (
-                1.0 if cfg.schedule == "cosine" else 0.0)
+        if cfg.warmup_epochs is None and cfg.epochs is not None:
+            cfg.warmup_epochs = cfg._default_warmup()
+        cfg.check()
+        return cfg
+
+    def _default_warmup(self) -> float:
+        # Of the epochs after the head epochs (the finetune recipe's).
+        span = self.epochs - (self.head_epochs if isinstance(self.head_epochs, int) else 0)
+        return ONECYCLE_WARMUP * span if self.schedule == "onecycle" else (1.0 if self.schedule == "cosine" else 0.0)
+
+    def with_epochs(self, epochs: int) -> TrainConfig:
+        """This resolved budget config with its epochs fixed (the warm-up follows unless it was given),
+        and the budget itself dropped: what remains reruns the very same run (config.json)."""
+        cfg = dataclasses.replace(self, epochs=epochs, budget=None)
+        if self.warmup_epochs is None:
+            cfg.warmup_epochs = cfg._default_warmup()
         cfg.check()
         return cfg
 
@@ -159,7 +198,12 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ReslabError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {value!r}")
 
-        positive_int("epochs")
+        open_epochs = self.epochs is None and self.budget is not None  # fixed later by with_epochs
+        if not open_epochs:
+            positive_int("epochs")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not math.isfinite(self.budget) or self.budget <= 0):
+            raise ReslabError(f"--budget must be a positive duration (e.g. 15m, 900s, 1h), got {self.budget!r}")
         positive_int("batch_size")
         positive_int("nproc")
         if self.dist_timeout is not None:
@@ -175,8 +219,10 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ReslabError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "head_lr_mult",
-                     "layer_decay"):
+                     "layer_decay", "random_erasing", "mixup", "cutmix", "ema"):
             value = getattr(self, name)
+            if value is None and name == "warmup_epochs" and open_epochs:
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
                 raise ReslabError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
@@ -185,10 +231,20 @@ class TrainConfig:
             raise ReslabError(f"--momentum must be below 1, got {self.momentum!r}")
         if self.label_smoothing >= 1:
             raise ReslabError(f"--label-smoothing must be below 1, got {self.label_smoothing!r}")
+        if self.random_erasing > 1:
+            raise ReslabError(f"--random-erasing is a probability in [0, 1], got {self.random_erasing!r}")
+        if self.ema >= 1:
+            raise ReslabError(f"--ema is the decay per step of the weights' average, in [0, 1) (e.g. 0.99; 0 is off), "
+                              f"got {self.ema!r}")
+        if self.stem is not None:
+            from reslab.models.resnet import STEMS
+
+            if self.stem not in STEMS:
+                raise ReslabError(f"--stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ReslabError(f"Nesterov momentum needs --optimizer sgd with momentum > 0 "
                               f"(got {self.optimizer}, momentum {self.momentum})")
-        if self.warmup_epochs > self.epochs:
+        if not open_epochs and self.warmup_epochs > self.epochs:
             raise ReslabError(f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ReslabError(f"--grad-clip must be a positive number, got {self.grad_clip!r}")
@@ -207,7 +263,7 @@ class TrainConfig:
             raise ReslabError("--recipe finetune fine-tunes pretrained weights; give --pretrained SRC (e.g. "
                               "--pretrained imagenet), or use --recipe fast to train from scratch")
         if isinstance(self.head_epochs, bool) or not isinstance(self.head_epochs, int) or not (
-                0 <= self.head_epochs < self.epochs):
+                0 <= self.head_epochs < (self.epochs if not open_epochs else math.inf)):
             raise ReslabError(f"--head-epochs must be an integer in [0, --epochs {self.epochs}), "
                               f"got {self.head_epochs!r}")
         if self.head_epochs and self.pretrained is None:
@@ -229,3 +285,50 @@ class TrainConfig:
             if available // 2 >= per_image else
             f"use --image-size {math.isqrt(available // 2 // (12 * self.batch_size))} or less",
         )
+
+
+def photo_defaults(cfg: TrainConfig) -> dict:
+    """The photo-folder defaults (reslab.data.folder.PHOTO_DEFAULTS) that apply to `cfg`: a folder
+    trained from scratch with the fast recipe; the model's stem and input size only with the model."""
+    from reslab.data.folder import PHOTO_DEFAULTS, PHOTO_MODEL_CHOICE, is_image_folder
+
+    if cfg.recipe != "fast" or cfg.pretrained is not None or not is_image_folder(cfg.data):
+        return {}
+    chosen = dict(PHOTO_DEFAULTS)
+    if cfg.model is not None:
+        for key in PHOTO_MODEL_CHOICE:
+            chosen.pop(key)
+    if cfg.budget is not None:
+        chosen.pop("epochs")
+    if cfg.optimizer not in (None, "sgd"):
+        chosen.pop("lr")  # an SGD learning rate; Adam's comes from the recipe
+    return chosen
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as 15m, 900s, 1h, 1h30m or 90 (seconds)."""
+    import re
+
+    value = str(text).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", value)
+    if not value or parts is None or not any(parts.groups()):
+        raise ReslabError(f"--budget {text}: not a duration; write it as 15m, 900s, 1h or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ReslabError(f"--budget {text}: a budget must be longer than zero; give e.g. 15m")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """900 -> "15m", 5415 -> "1h30m15s", 42.5 -> "42.5s"."""
+    seconds = round(float(seconds), 1)
+    hours, rest = divmod(seconds, 3600)
+    minutes, rest = divmod(rest, 60)
+    text = (f"{int(hours)}h" if hours else "") + (f"{int(minutes)}m" if minutes else "")
+    if rest or not text:
+        text += f"{rest:g}s"
+    return text

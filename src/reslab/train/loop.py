@@ -7,17 +7,25 @@ loaders, the resume state), then runs epochs: `train_one_epoch` (the steps), `ev
 and accuracy over every rank's shard) and `_end_epoch` (metrics row, best weights, early stop,
 files). The step itself is `make_step`: forward under autocast, loss, backward, step.
 
-Exact resume: every random thing in an epoch is a pure function of (seed, epoch) (the loader),
-the lr is a pure function of the step (schedule.py), and the state holds the weights, optimizer,
-partial-epoch sums and RNG; a run resumed at step k then runs the very operations the
-uninterrupted run would have, so on the CPU the final weights are bitwise equal.
+Exact resume: every random thing in an epoch is a pure function of (seed, epoch) (the loader,
+mixup and cutmix included), the lr is a pure function of the step (schedule.py), and the state
+holds the weights, the EMA weights, optimizer, partial-epoch sums and RNG; a run resumed at step k
+then runs the very operations the uninterrupted run would have, so on the CPU the final weights
+are bitwise equal.
+
+A `--budget` run measures its step, evaluation and checkpoint times on copies of the model and
+optimizer (`_measure`), then fixes the epochs that fit (`_plan_budget`); the real model, optimizer
+and RNG are untouched by the measurement, so the run is the very run `--epochs N` would be.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import json
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,14 +42,47 @@ from reslab.hardware import default_device, describe, resolve_precision, train_c
 from reslab.io import write_json
 from reslab.train import distributed
 from reslab.train import state as run_files
-from reslab.train.config import TrainConfig
+from reslab.train.config import TrainConfig, format_duration
 from reslab.train.distributed import DistContext
-from reslab.train.schedule import lr_multiplier, set_lr
+from reslab.train.schedule import budget_epochs, lr_multiplier, set_lr
 from reslab.train.state import EpochRow, PartialEpoch, Progress
 
 # Host syncs (loss to Python for the progress bar and the NaN check) happen once per this many
 # steps; a GPU step then never waits on the host.
 SYNC_EVERY = 10
+# The wall clock of budgets and epoch times (a test replaces it with a fake one).
+clock = time.perf_counter
+# A budget's measurement: steps run before timing (the first ones build kernels and allocate), and
+# how long the timed steps run: this share of the budget, within the bounds, at least 3 steps.
+BUDGET_WARMUP_STEPS = 2
+BUDGET_MEASURE_SHARE, BUDGET_MEASURE_BOUNDS = 0.01, (1.0, 30.0)
+BUDGET_MEASURE_EPOCHS = 10  # the most epochs of batches the measurement may run through
+# curves.png is redrawn after an epoch only when it is this old (seconds), and when the run stops.
+CURVES_EVERY = 30.0
+
+
+class WeightEMA:
+    """An exponential moving average of the weights (Polyak and Juditsky 1992; timm's ModelEmaV2):
+    after every step each float tensor of the state dict (BatchNorm statistics included) moves
+    towards the model's by 1 - d, with d = min(decay, (1 + step) / (10 + step)) so that the first
+    steps do not average in the random initialization for long. A pure function of the steps, so
+    its state in last.state.pt resumes it exactly."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for q in self.model.parameters():
+            q.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        pairs = [(e, m) for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)]
+        floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1 - d)
+        for e, m in pairs:
+            if not e.is_floating_point():
+                e.copy_(m)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -87,7 +128,8 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: 
 
     Forward under bf16 autocast when `precision == "bf16"` (weights and the optimizer stay fp32),
     `loss_fn(logits, y)`, backward, optional global-norm clipping, step, zero_grad(set_to_none).
-    No `.item()`: the caller decides when to sync.
+    `y` is class indices, or soft targets (N x classes, mixup/cutmix): then `correct` counts the
+    predictions of each example's larger share. No `.item()`: the caller decides when to sync.
     """
     device_type = next(model.parameters()).device.type
     autocast = precision == "bf16"
@@ -108,7 +150,7 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: 
             nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        return loss.detach(), (logits.argmax(1) == (y.argmax(1) if y.dim() > 1 else y)).sum()
 
     return step
 
@@ -219,6 +261,10 @@ class Run:
     precision: str
     channels_last: bool
     weights_meta: dict  # what every weights file says about itself (CheckpointMeta fields)
+    ema: WeightEMA | None = None
+    record: dict = dataclasses.field(default_factory=dict)  # config.json's content besides the config
+    budget: dict | None = None  # how a --budget run chose its epochs (config.json's "budget")
+    curves_drawn: float | None = None  # clock() when curves.png was last drawn
 
     def set_lr(self, step: int) -> float:
         """The lr of global step `step` (0-based) set on the optimizer; returns the first group's.
@@ -240,9 +286,11 @@ class Run:
 
             freeze(self.model, "all-but-head" if epoch < self.cfg.head_epochs else self.cfg.freeze or "none")
 
-    def meta(self, epoch: int, val_acc: float | None) -> CheckpointMeta:
+    def meta(self, epoch: int, val_acc: float | None, weights: str = "model") -> CheckpointMeta:
         extra = {"epoch": epoch, "val_acc": val_acc, "data": self.cfg.data, "seed": self.cfg.seed,
                  "val_split": self.cfg.val_split, "run": self.dir.name}
+        if self.ema is not None:
+            extra["weights"] = weights  # "ema": the exponential moving average of the weights
         return CheckpointMeta(**self.weights_meta, extra=extra)
 
 
@@ -255,10 +303,16 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     """
     if ctx is None:  # this process alone, `nproc` launched ones, or this rank of torchrun's job
         return distributed.run(train, config, stop=stop)
+    started = clock()
     with _run_directory(config, ctx) as (cfg, run_dir, state):
         run = _setup(cfg, ctx, run_dir, state)
         p = run.progress
         with sigint_flag() as interrupted, _Bar(ctx.is_main and not cfg.quiet) as bar:
+            for line in _photo_lines(config, cfg):
+                bar.print(line)
+            if cfg.epochs is None:
+                _plan_budget(run, started, bar)
+            _write_config(run)
 
             def halt(step: int) -> bool:
                 return interrupted.is_set() or (stop is not None and stop(p.epoch + 1, step))
@@ -267,13 +321,15 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
                 bar.print(f"{run_dir} holds no checkpoint yet ({run_files.CONFIG} only): starting at step 1")
             elif state is not None:
                 bar.print(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
-            while p.stopped == "running" and p.epoch < cfg.epochs:
+            while p.stopped == "running" and p.epoch < run.cfg.epochs:
                 trained = train_one_epoch(run, halt, bar)
                 if trained is None:  # stopped after a step, checkpointed
                     break
                 val = evaluate(run.model, run.val_loader, run.precision, ctx) if run.val_loader else None
-                _end_epoch(run, trained, val, bar)
-        return _finish(run)
+                ema_val = evaluate(run.ema.model, run.val_loader, run.precision, ctx) if (
+                    run.ema and run.val_loader) else None
+                _end_epoch(run, trained, val, ema_val, bar)
+        return _finish(run, started)
 
 
 def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[str, float] | None:
@@ -291,13 +347,15 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[st
     count = before.count if ctx.is_main else 0.0
     first_bad = torch.tensor(-1, device=run.device)  # step of the first non-finite loss; read every SYNC_EVERY
     bar.start_epoch(f"{p.epoch + 1}/{run.cfg.epochs}", len(run.loader), p.step_in_epoch)
-    start = time.perf_counter()
+    start = clock()
     lr, halted = run.set_lr(p.global_step), False
     for i, (x, y) in enumerate(run.loader):
         if i < p.step_in_epoch:  # resuming mid-epoch: the same batches, already trained on
             continue
         lr = run.set_lr(p.global_step)
         loss, correct = run.step(x, y)
+        if run.ema is not None:
+            run.ema.update(run.model, p.global_step)
         loss_correct += torch.stack([loss.double() * len(y), correct.double()])
         count += len(y)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
@@ -306,11 +364,11 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[st
         if halted or (i + 1) % SYNC_EVERY == 0 or i + 1 == len(run.loader):
             _stop_if_not_finite(run, int(first_bad), lr)
             loss_sum, correct_sum = loss_correct.tolist()
-            elapsed = before.seconds + time.perf_counter() - start
+            elapsed = before.seconds + clock() - start
             bar.update(i + 1, loss_sum / count, correct_sum / count, count / max(elapsed, 1e-9))
         if halted:
             break
-    seconds = time.perf_counter() - start
+    seconds = clock() - start
     loss_sum, correct_sum = loss_correct.tolist()
     totals = ctx.all_reduce_sums({"loss": loss_sum, "correct": correct_sum, "count": count})
     p.train_seconds += seconds
@@ -332,40 +390,55 @@ def _stop_if_not_finite(run: Run, bad_step: int, lr: float) -> None:
                           f"the last good checkpoint in {run.dir} is untouched")
 
 
-def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None, bar: _Bar) -> None:
-    """Record a finished epoch: its metrics row, the best weights, early stopping, the run's files."""
+def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None,
+               ema_val: dict[str, float] | None, bar: _Bar) -> None:
+    """Record a finished epoch: its metrics row, the best weights (the EMA's when they are the
+    better), early stopping, the run's files."""
     p, cfg = run.progress, run.cfg
     p.epoch, p.step_in_epoch, p.partial = p.epoch + 1, 0, PartialEpoch()
     row = EpochRow(epoch=p.epoch, lr=trained["lr"], train_loss=trained["loss"], train_acc=trained["acc"],
                    val_loss=val["loss"] if val else None, val_acc=val["acc"] if val else None,
-                   seconds=round(trained["seconds"], 3))
+                   seconds=round(trained["seconds"], 3), ema_val_loss=ema_val["loss"] if ema_val else None,
+                   ema_val_acc=ema_val["acc"] if ema_val else None)
     p.rows.append(row)
-    improved = row.val_acc is not None and (p.best_val_acc is None or row.val_acc > p.best_val_acc)
+    source, acc = "model", row.val_acc
+    if row.ema_val_acc is not None and row.ema_val_acc > row.val_acc:
+        source, acc = "ema", row.ema_val_acc
+    improved = acc is not None and (p.best_val_acc is None or acc > p.best_val_acc)
     if improved:
-        p.best_val_acc, p.best_epoch, p.bad_epochs = row.val_acc, row.epoch, 0
-    elif row.val_acc is not None:
+        p.best_val_acc, p.best_epoch, p.bad_epochs, p.best_weights = acc, row.epoch, 0, source
+    elif acc is not None:
         p.bad_epochs += 1
     if cfg.early_stop is not None and p.bad_epochs >= cfg.early_stop:
         p.stopped = "early_stop"
     elif p.epoch >= cfg.epochs:
         p.stopped = "completed"
+    if run.val_loader is None:  # no validation data: the best weights are the last ones (the EMA's if kept)
+        source = "ema" if run.ema else "model"
+        p.best_weights = source
     if run.ctx.is_main:
-        if improved or run.val_loader is None:  # no validation data: the best weights are the last ones
-            save_weights(run.dir / BEST, run.model, run.meta(row.epoch, row.val_acc))
+        if improved or run.val_loader is None:
+            weights = run.ema.model if source == "ema" else run.model
+            save_weights(run.dir / BEST, weights, run.meta(row.epoch, acc, weights=source))
         _checkpoint(run)
-        _write_records(run)
+        # Drawing the curves costs a short epoch's worth of time: at most every CURVES_EVERY seconds,
+        # and at the end.
+        _write_records(run, curves=p.stopped != "running" or run.curves_drawn is None
+                       or clock() - run.curves_drawn >= CURVES_EVERY)
 
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
+    ema = f" (ema loss {fmt(row.ema_val_loss)} acc {fmt(row.ema_val_acc)})" if row.ema_val_acc is not None else ""
     bar.end_epoch(f"epoch {row.epoch}/{cfg.epochs}  lr {row.lr:.4g}  train loss {row.train_loss:.4f} "
-                  f"acc {row.train_acc:.4f}  val loss {fmt(row.val_loss)} acc {fmt(row.val_acc)}  {row.seconds:.1f}s")
+                  f"acc {row.train_acc:.4f}  val loss {fmt(row.val_loss)} acc {fmt(row.val_acc)}{ema}  "
+                  f"{row.seconds:.1f}s")
     if p.stopped == "early_stop":
         bar.print(f"early stop: no better validation accuracy for {cfg.early_stop} epochs "
                   f"(best {p.best_val_acc:.4f} at epoch {p.best_epoch})")
 
 
-def _finish(run: Run) -> dict:
+def _finish(run: Run, started: float) -> dict:
     """The summary, also in summary.json; a run that reached its end is first tested on its best weights."""
     p, ctx = run.progress, run.ctx
     test = None
@@ -376,6 +449,10 @@ def _finish(run: Run) -> dict:
             ctx.broadcast_state(run.model)
         test = evaluate(run.model, run.test_loader, run.precision, ctx)
     result = _summary(run, test)
+    if run.budget is not None:
+        result["budget"]["used_seconds"] = round(clock() - started, 1)
+    if ctx.is_main and p.rows and p.stopped == "interrupted" and run.curves_drawn is not None:
+        _draw_curves(run)  # the epochs since the last drawing
     if ctx.is_main:
         write_json(run.dir / run_files.SUMMARY, result)
     return result
@@ -409,6 +486,10 @@ def _run_directory(config: TrainConfig, ctx: DistContext) -> Iterator[tuple[Trai
 
 def _resumed_config(config: TrainConfig, saved: dict, run_dir: Path) -> TrainConfig:
     """The run's saved config, with what --resume may change (reslab.cli.train.RESUME_OPTIONS)."""
+    if "ema" not in saved:  # saved before the photo-folder defaults existed: it ran without them
+        saved = {"random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, **saved}
+        if saved.get("augment") is None and saved.get("recipe", "fast") == "fast" and not saved.get("pretrained"):
+            saved["augment"] = _saved_record(run_dir).get("augment")
     cfg = TrainConfig.from_dict(saved)
     cfg.resume, cfg.quiet, cfg.out = str(run_dir), config.quiet, str(run_dir)
     cfg.nproc, cfg.dist_timeout = config.nproc, config.dist_timeout  # may differ from the first run's
@@ -443,11 +524,14 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
         train_model = torch.compile(train_model)
     step = make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip,
                      loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
 
     progress = Progress()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
         run_files.set_rng_state(state["rng"])
         progress = Progress.from_state(state)
         # An interrupted run goes on; so does a completed one given more --epochs.
@@ -456,17 +540,142 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
     augment = cfg.augment or bundle.augment
     loaders = _loaders(cfg, ctx, bundle, plan.per_rank_batch, augment=augment, device=device,
                        channels_last=channels_last, mean=preprocessing["mean"], std=preprocessing["std"])
-    if ctx.is_main:
-        write_json(run_dir / run_files.CONFIG, {
-            "config": cfg.to_dict(), "data": bundle.source, "classes": list(bundle.classes),
-            "preprocessing": preprocessing, "augment": augment, "precision": precision,
-            "channels_last": channels_last, "hardware": describe(), "world_size": ctx.world_size, **reports,
-        })
+    record = {"data": bundle.source, "classes": list(bundle.classes), "preprocessing": preprocessing,
+              "augment": augment, "precision": precision, "channels_last": channels_last,
+              "hardware": describe(), "world_size": ctx.world_size, **reports}
     weights_meta = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
                         preprocessing=preprocessing)
+    budget = _saved_record(run_dir).get("budget") if cfg.resume else None
     return Run(cfg=cfg, ctx=ctx, dir=run_dir, progress=progress, model=model, train_model=train_model,
                optimizer=optimizer, step=step, **loaders, device=device, precision=precision,
-               channels_last=channels_last, weights_meta=weights_meta)
+               channels_last=channels_last, weights_meta=weights_meta, ema=ema, record=record, budget=budget)
+
+
+def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """What the photo-folder defaults chose for a new run, and why (nothing when none applied)."""
+    from reslab.train.config import photo_defaults
+
+    if given.resume:
+        return []
+    chosen = {k: v for k, v in photo_defaults(given).items() if getattr(given, k) is None}
+    if not chosen:
+        return []
+    parts = []
+    if "model" in chosen:
+        stem = f" ({cfg.stem} stem)" if cfg.stem else ""
+        parts.append(f"{cfg.model}{stem} at {cfg.image_size} px")
+    if "epochs" in chosen:
+        parts.append(f"{cfg.epochs} epochs")
+    if "lr" in chosen:
+        parts.append(f"--lr {cfg.lr:g}")
+    parts += [f"--augment {cfg.augment}"] if "augment" in chosen else []
+    parts += [f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in ("random_erasing", "mixup", "cutmix", "ema")
+              if k in chosen]
+    return [f"photo folder from scratch: {', '.join(parts)}: what learned best within a time budget on 2 CPU "
+            "cores (README, \"Train on your own photos\"); the options of the same names override them"]
+
+
+def _plan_budget(run: Run, started: float, bar: _Bar) -> None:
+    """Fix the epochs of a --budget run from this machine's measured step, evaluation and checkpoint
+    times: as many whole epochs as fit before the budget ends, the test pass included."""
+    cfg, ctx = run.cfg, run.ctx
+    times = _measure(run)
+    steps = len(run.loader)
+    test = len(run.test_loader.split) if run.test_loader is not None else 0
+    epoch_seconds = steps * times["step"] + (2 if run.ema else 1) * times["eval_pass"] + times["overhead"]
+    final_seconds = test * times["eval_image"]
+    spent = clock() - started
+    epochs = ctx.broadcast(budget_epochs(cfg.budget, spent, epoch_seconds, final_seconds))  # rank 0's decides
+    budget = format_duration(cfg.budget)
+    if epochs <= cfg.head_epochs:
+        least = spent + (cfg.head_epochs + 1) * epoch_seconds + final_seconds
+        raise ReslabError(f"--budget {budget}: one epoch of {cfg.model} on {cfg.data} takes about "
+                          f"{epoch_seconds:.0f} s on this machine (measured; {spent:.0f} s went to loading and "
+                          f"measuring), so no {'training' if not cfg.head_epochs else 'epoch after the head epochs'} "
+                          f"fits; give at least --budget {format_duration(60 * -(-least // 60))}, or --epochs")
+    run.cfg = cfg.with_epochs(epochs)
+    run.budget = {"seconds": cfg.budget, "epochs": epochs, "steps_per_epoch": steps,
+                  "step_seconds": round(times["step"], 4), "epoch_seconds": round(epoch_seconds, 2),
+                  "final_seconds": round(final_seconds, 2), "setup_seconds": round(spent, 1),
+                  "planned_seconds": round(spent + epochs * epoch_seconds + final_seconds, 1),
+                  "measured_steps": times["steps"]}
+    bar.print(f"budget {budget}: {epochs} epochs of {steps} steps ({times['step']:.3g} s a step over "
+              f"{times['steps']} measured steps, {epoch_seconds:.1f} s an epoch with evaluation and checkpoint; "
+              f"{spent:.0f} s to load and measure)")
+
+
+def _measure(run: Run) -> dict:
+    """Seconds per training step (augmentation, forward, backward, step, EMA), of one validation
+    pass, per evaluated image, and of one epoch's files (checkpoint, best weights, records), timed
+    on copies: the run's model, optimizer, EMA, RNG and files are left as they were."""
+    cfg = run.cfg
+    model, optimizer = copy.deepcopy((run.model, run.optimizer))  # one memo: the copy optimizes the copy
+    ema = copy.deepcopy(run.ema)
+    step = make_step(model, optimizer, precision=run.precision, grad_clip=cfg.grad_clip,
+                     loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+    rng = torch.get_rng_state()
+    window = min(max(BUDGET_MEASURE_SHARE * cfg.budget, BUDGET_MEASURE_BOUNDS[0]), BUDGET_MEASURE_BOUNDS[1])
+    model.train()
+
+    def batches():  # epoch 0's batches, then epoch 1's ...: short epochs are measured over several
+        for epoch in range(BUDGET_MEASURE_EPOCHS):
+            run.loader.set_epoch(epoch)
+            yield from run.loader
+
+    timed, start = 0, clock()
+    for i, (x, y) in enumerate(batches()):
+        if i == BUDGET_WARMUP_STEPS:
+            timed, start = 0, clock()
+        step(x, y)
+        if ema is not None:
+            ema.update(model, i)
+        timed += 1
+        if i >= BUDGET_WARMUP_STEPS and timed >= 3 and clock() - start >= window:
+            break
+    step_seconds = (clock() - start) / timed
+    eval_loader = run.val_loader or run.test_loader
+    eval_pass = eval_image = 0.0
+    if eval_loader is not None:
+        evaluate_sums(model, [next(iter(eval_loader))], run.precision)  # the first batch builds kernels
+        t = clock()
+        evaluate_sums(model, eval_loader, run.precision)
+        eval_pass = clock() - t
+        eval_image = eval_pass / len(eval_loader.split)
+    with tempfile.TemporaryDirectory() as tmp:
+        # What _end_epoch writes, written by a shadow of the run into a scratch folder.
+        rows = [EpochRow(e, 0.1, 1 / e, 0.5, 1 / e, 0.5, 1.0) for e in range(1, 21)]
+        shadow = dataclasses.replace(run, dir=Path(tmp), model=model, optimizer=optimizer, ema=ema,
+                                     progress=Progress(epoch=len(rows), rows=rows))
+        t = clock()
+        save_weights(shadow.dir / BEST, model, shadow.meta(1, 0.5))
+        _checkpoint(shadow)
+        _write_records(shadow, curves=False)
+        files = clock() - t
+        _draw_curves(shadow)
+        curves = clock() - t - files
+    torch.set_rng_state(rng)
+    epoch = len(run.loader) * step_seconds + (2 if ema else 1) * eval_pass + files
+    return {"step": step_seconds, "eval_pass": eval_pass if run.val_loader is not None else 0.0,
+            "eval_image": eval_image, "steps": timed,
+            # The curves are drawn after at most every CURVES_EVERY seconds' epochs.
+            "overhead": files + curves * min(1.0, epoch / CURVES_EVERY)}
+
+
+def _write_config(run: Run) -> None:
+    """config.json: the resolved config (its epochs fixed), what the data and machine were, and for a
+    --budget run how the epochs were chosen."""
+    if run.ctx.is_main:
+        budget = {"budget": run.budget} if run.budget is not None else {}
+        write_json(run.dir / run_files.CONFIG, {"config": run.cfg.to_dict(), **run.record, **budget})
+
+
+def _saved_record(run_dir: Path) -> dict:
+    """A run's whole config.json ({} when unreadable: read_config has vouched for it already)."""
+    try:
+        record = json.loads((run_dir / run_files.CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _load_data(cfg: TrainConfig, ctx: DistContext):
@@ -493,7 +702,9 @@ def _loaders(cfg: TrainConfig, ctx: DistContext, bundle, batch: int, *, augment:
     # A last batch of one example would make BatchNorm's batch variance undefined; drop just that.
     per_rank = -(-len(bundle.train) // ctx.world_size)
     train = BatchLoader(bundle.train, batch, shuffle=True, seed=cfg.seed, augment=augment,
-                        drop_last=per_rank % batch == 1, rank=ctx.rank, world_size=ctx.world_size, **options)
+                        drop_last=per_rank % batch == 1, rank=ctx.rank, world_size=ctx.world_size,
+                        erasing=cfg.random_erasing, mixup=cfg.mixup, cutmix=cfg.cutmix,
+                        num_classes=len(bundle.classes), **options)
 
     def shard(split):
         if split is None:
@@ -514,6 +725,8 @@ def _build_model(cfg: TrainConfig, bundle, *, quiet: bool) -> tuple[nn.Module, d
     options = {"in_channels": bundle.in_channels}
     if cfg.shortcut is not None:
         options["shortcut"] = cfg.shortcut
+    if cfg.stem is not None:
+        options["stem"] = cfg.stem
     if cfg.aux_logits:
         options["aux_logits"] = True
     plan = None
@@ -542,9 +755,10 @@ def _build_model(cfg: TrainConfig, bundle, *, quiet: bool) -> tuple[nn.Module, d
 def _checkpoint(run: Run) -> None:
     p = run.progress
     save_weights(run.dir / LAST, run.model, run.meta(p.epoch, p.rows[-1].val_acc if p.rows else None))
+    ema = {"ema": run.ema.model.state_dict()} if run.ema is not None else {}
     run_files.save_state(run.dir / run_files.STATE, {**p.to_state(), "model": run.model.state_dict(),
                                                      "optimizer": run.optimizer.state_dict(),
-                                                     "rng": run_files.rng_state()})
+                                                     "rng": run_files.rng_state(), **ema})
 
 
 def _summary(run: Run, test: dict[str, float] | None = None) -> dict:
@@ -552,7 +766,7 @@ def _summary(run: Run, test: dict[str, float] | None = None) -> dict:
     last = p.rows[-1] if p.rows else None
     return {
         "model": cfg.model, "data": cfg.data, "epochs": len(p.rows), "planned_epochs": cfg.epochs,
-        "best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch,
+        "best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch, "best_weights": p.best_weights,
         "final_val_acc": last.val_acc if last else None, "final_train_acc": last.train_acc if last else None,
         "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
         "train_seconds": round(p.train_seconds, 3),
@@ -561,13 +775,19 @@ def _summary(run: Run, test: dict[str, float] | None = None) -> dict:
         "trainable_params": sum(q.numel() for q in run.model.parameters() if q.requires_grad),
         "frozen_params": sum(q.numel() for q in run.model.parameters() if not q.requires_grad),
         "stopped": p.stopped, "interrupted": p.stopped == "interrupted", "run_dir": str(run.dir),
+        **({"budget": dict(run.budget)} if run.budget is not None else {}),
     }
 
 
-def _write_records(run: Run) -> None:
+def _write_records(run: Run, curves: bool = True) -> None:
+    run_files.write_metrics(run.dir / run_files.METRICS, run.progress.rows)
+    write_json(run.dir / run_files.SUMMARY, _summary(run))
+    if curves:
+        _draw_curves(run)
+
+
+def _draw_curves(run: Run) -> None:
     from reslab import plots
 
-    rows = run.progress.rows
-    run_files.write_metrics(run.dir / run_files.METRICS, rows)
-    write_json(run.dir / run_files.SUMMARY, _summary(run))
-    plots.curves(run.dir / run_files.CURVES, [row.values() for row in rows])
+    plots.curves(run.dir / run_files.CURVES, [row.values() for row in run.progress.rows])
+    run.curves_drawn = clock()

@@ -34,6 +34,8 @@ from reslab.io import atomic_path, write_text
 CONFIG, METRICS, SUMMARY, STATE, CURVES = "config.json", "metrics.csv", "summary.json", "last.state.pt", "curves.png"
 LOCK = ".lock"
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+# Appended to metrics.csv by a run with --ema: the averaged weights' validation loss and accuracy.
+EMA_COLUMNS = ("ema_val_loss", "ema_val_acc")
 STATE_FORMAT = "reslab-train-state"
 STATE_VERSION = 1
 # Files that hold trained epochs or steps: a folder with any of them is a run to resume, not to reuse.
@@ -45,7 +47,7 @@ _PARTIAL_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 @dataclass
 class EpochRow:
-    """One line of metrics.csv (METRIC_COLUMNS, in that order)."""
+    """One line of metrics.csv (METRIC_COLUMNS, then EMA_COLUMNS in a run with --ema)."""
 
     epoch: int
     lr: float
@@ -54,9 +56,11 @@ class EpochRow:
     val_loss: float | None
     val_acc: float | None
     seconds: float
+    ema_val_loss: float | None = None
+    ema_val_acc: float | None = None
 
     def values(self) -> list:
-        return [getattr(self, name) for name in METRIC_COLUMNS]
+        return [getattr(self, name) for name in METRIC_COLUMNS + EMA_COLUMNS]
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Progress:
     rows: list[EpochRow] = field(default_factory=list)
     best_val_acc: float | None = None
     best_epoch: int | None = None
+    best_weights: str | None = None  # "model", or "ema" when the averaged weights were the better
     bad_epochs: int = 0  # epochs since the best validation accuracy (early stopping's count)
     train_seconds: float = 0.0
     train_images: float = 0.0
@@ -275,9 +280,11 @@ def write_metrics(path: Path, rows: list[EpochRow]) -> None:
     """The whole metrics.csv, rewritten atomically (a resumed run's rows come from its state)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(METRIC_COLUMNS)
+    columns = METRIC_COLUMNS + (EMA_COLUMNS if any(row.ema_val_acc is not None for row in rows) else ())
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row.values()])
+        writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+                         for v in row.values()[:len(columns)]])
     write_text(path, buf.getvalue())
 
 
