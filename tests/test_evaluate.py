@@ -99,3 +99,20 @@ def test_metrics_and_sample_choice():
     assert m["per_class"]["a"]["precision"] == 0.5 and m["per_class"]["b"]["recall"] == 0.5
     pick = sample_indices(torch.tensor([True] * 50 + [False] * 20).numpy(), count=10, wrong_max=3)
     assert len(pick) == 10 and (pick >= 50).sum() == 3
+
+
+def test_tta_flip_averages_the_mirror_image_and_is_recorded(trained, tmp_path):
+    from reslab.inference.predictor import Predictor
+
+    folder, run = trained
+    plain = Predictor(run, backend="torch", precision="fp32", tta="none")
+    flip = Predictor(run, backend="torch", precision="fp32", tta="flip")
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = (plain.probabilities(images) + plain.probabilities(images.flip(-1))) / 2
+    assert torch.allclose(flip.probabilities(images), expected, atol=1e-6)
+    assert not torch.allclose(flip.probabilities(images), plain.probabilities(images), atol=1e-4)
+    result = evaluate(run, data=str(folder), out=tmp_path / "tta", tta="flip", backend="torch", precision="fp32")
+    assert json.loads((tmp_path / "tta" / "eval.json").read_text())["tta"] == "flip" and result["tta"] == "flip"
+    assert evaluate(run, data=str(folder), out=tmp_path / "none", backend="torch")["tta"] == "none"
+    with pytest.raises(ReslabError, match="--tta must be one of"):
+        Predictor(run, tta="rotate")

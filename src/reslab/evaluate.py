@@ -193,16 +193,17 @@ def default_out(source: str | os.PathLike, data: str) -> Path:
 def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str | None = None,
              out: str | os.PathLike | None = None, device: str = "cpu", data_dir: str | None = None,
              backend: str = "auto", precision: str = "auto", model: str | None = None, classes=None,
-             calibration: str | None = None, calibration_images: int | None = None) -> dict:
+             calibration: str | None = None, calibration_images: int | None = None, tta: str | None = None) -> dict:
     """Evaluate any model source (see reslab.weights.load_source) or exported file; writes eval.json,
-    confusion.png, samples.png. `calibration`, `calibration_images`: for precision int8 (see Predictor)."""
+    confusion.png, samples.png. `calibration`, `calibration_images`: for precision int8 (see Predictor).
+    `tta`: test-time augmentation ("none", "flip"); None: what the run's training found paying."""
     from reslab import plots
     from reslab.inference.predictor import Predictor
 
     path = Path(source)
     checkpoint = resolve(source) if path.is_dir() else source
     predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision, model=model,
-                          classes=classes, calibration=calibration, calibration_images=calibration_images)
+                          classes=classes, calibration=calibration, calibration_images=calibration_images, tta=tta)
     data = data or predictor.meta.extra.get("data")
     if not data:
         raise ReslabError(f"{checkpoint} does not say which data it was trained on; give --data")
@@ -210,8 +211,13 @@ def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str |
     probabilities = predictor.probabilities(eval_set.images).cpu()
     classes = list(predictor.classes)
     result = {"checkpoint": str(checkpoint), "model": predictor.meta.model, "data": data, "split": eval_set.split,
-              "backend": predictor.backend, "precision": predictor.precision,
+              "backend": predictor.backend, "precision": predictor.precision, "tta": predictor.tta,
               **metrics(probabilities, eval_set.labels, classes)}
+    if tta is None and predictor.tta != "none":
+        gain = predictor.meta.extra.get("tta_val_acc") or {}
+        result["tta_note"] = (f"test-time augmentation: {predictor.tta} (the run's training measured it on its "
+                              f"validation split: {gain.get('none', float('nan')):.4f} without, "
+                              f"{gain.get(predictor.tta, float('nan')):.4f} with); --tta none turns it off")
     out = Path(out) if out is not None else default_out(source, data)
     predicted = probabilities.argmax(1)
     shown = list(result["per_class"]) + ([OTHER] if len(result["confusion"]) > len(result["per_class"]) else [])

@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", help="test or val (default: test where there is one)")
     parser.add_argument("--out", help="folder for eval.json and the figures (default RUN/eval-<data>/)")
     parser.add_argument("--data-dir", help="cache folder for downloads and decoded folders")
-    add_inference_options(parser, "device", "backend", "precision", "calibration", "calibration_images")
+    add_inference_options(parser, "device", "backend", "precision", "calibration", "calibration_images", "tta")
     parser.add_argument("--json", action="store_true", help="print eval.json instead of a table")
 
 
@@ -26,7 +26,7 @@ def run(args) -> int:
     result = evaluate(args.source, data=args.data, split=args.split, out=args.out, device=args.device,
                       data_dir=args.data_dir, backend=args.backend, precision=args.precision, model=args.model,
                       classes=args.classes, calibration=args.calibration,
-                      calibration_images=args.calibration_images)
+                      calibration_images=args.calibration_images, tta=args.tta)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
         return 0
@@ -36,6 +36,8 @@ def run(args) -> int:
     for name, m in result["per_class"].items():
         table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", str(m["support"]))
     console = Console()
+    if result.get("tta_note"):
+        console.print(result["tta_note"], highlight=False)
     console.print(table)
     console.print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  -> {result['out']}", highlight=False)
     return 0

@@ -90,6 +90,10 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
                                            "one writes nothing"}),
     "top_k": (("--top-k",), {"default": 5, "type": _checked("reslab.inference.predictor:check_top_k", int),
                              "help": "classes shown per image (default 5)"}),
+    "tta": (("--tta",), {"default": None, "choices": _Names("reslab.inference.predictor:TTA_MODES"),
+                         "metavar": "MODE", "help": "test-time augmentation: %(choices)s (flip: mean of the image "
+                                                    "and its mirror; default: what the run's training found "
+                                                    "paying on its validation split, else none)"}),
 }
 
 

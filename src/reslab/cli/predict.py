@@ -8,7 +8,7 @@ from reslab.cli.options import add_inference_options
 def add_arguments(parser) -> None:
     add_inference_options(parser, "source", "model", "classes")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files, any size or mode")
-    add_inference_options(parser, "top_k", "device", "backend", "precision", "calibration", "calibration_images")
+    add_inference_options(parser, "top_k", "device", "backend", "precision", "calibration", "calibration_images", "tta")
     parser.add_argument("--json", action="store_true", help="print a JSON list")
 
 
@@ -19,7 +19,7 @@ def run(args) -> int:
 
     predictor = Predictor(args.source, device=args.device, backend=args.backend, precision=args.precision,
                           top_k=args.top_k, model=args.model, classes=args.classes, calibration=args.calibration,
-                          calibration_images=args.calibration_images)
+                          calibration_images=args.calibration_images, tta=args.tta)
     results = predictor.predict(args.images)
     if args.json:
         print(json.dumps([{"image": str(path), "top": [{"class": c, "probability": p} for c, p in top]}

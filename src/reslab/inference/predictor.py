@@ -43,6 +43,22 @@ from reslab.inference.quantize import (
 )
 from reslab.weights.source import load_source
 
+TTA_MODES = ("none", "flip")
+
+
+def check_tta(tta: str) -> str:
+    if tta not in TTA_MODES:
+        raise ReslabError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return tta
+
+
+def resolve_tta(tta: str | None, meta: CheckpointMeta) -> str:
+    """The test-time augmentation to use: the one asked for, else the one the checkpoint's training
+    found paying on its validation split (`extra["tta"]`), else none."""
+    if tta is not None:
+        return check_tta(tta)
+    return meta.extra.get("tta") if meta.extra.get("tta") in TTA_MODES else "none"
+
 
 def check_top_k(top_k: int) -> int:
     """How many classes to report per image: at least one (fewer classes than that: all of them)."""
@@ -69,7 +85,7 @@ class Predictor:
     def __init__(self, source: str | os.PathLike, *, device: str | torch.device = "cpu", backend: str = "auto",
                  precision: str = "auto", top_k: int = 5, compile: bool = False, channels_last: bool | None = None,
                  model: str | None = None, classes=None, calibration: str | torch.Tensor | None = None,
-                 calibration_images: int | None = None):
+                 calibration_images: int | None = None, tta: str | None = None):
         path = Path(source)
         self.source = path
         device = check_device(device)
@@ -89,17 +105,19 @@ class Predictor:
             model = net
         self._calibration = (calibration, calibration_images)
         self._setup(model, meta, device, backend, precision, top_k, compile, channels_last)
+        self.tta = resolve_tta(tta, meta)
 
     @classmethod
     def from_model(cls, model: nn.Module, meta: CheckpointMeta, device: str | torch.device = "cpu", *,
                    backend: str = "torch", precision: str = "fp32", top_k: int = 5, compile: bool = False,
                    channels_last: bool | None = None, calibration: str | torch.Tensor | None = None,
-                   calibration_images: int | None = None) -> Predictor:
+                   calibration_images: int | None = None, tta: str | None = None) -> Predictor:
         self = cls.__new__(cls)
         self.source = None
         device = check_device(device)
         self._calibration = (calibration, calibration_images)
         self._setup(model.to(device).eval(), meta, device, backend, precision, top_k, compile, channels_last)
+        self.tta = resolve_tta(tta, meta)
         return self
 
     def _setup(self, model, meta, device, backend, precision, top_k, compile, channels_last) -> None:
@@ -192,7 +210,12 @@ class Predictor:
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(batch), dim=1)
+        """Class probabilities of a uint8 batch; with test-time augmentation `flip`, the mean of the
+        image's and its mirror image's (a photo's class does not change left to right)."""
+        probabilities = torch.softmax(self.logits(batch), dim=1)
+        if self.tta == "flip":
+            probabilities = (probabilities + torch.softmax(self.logits(batch.flip(-1)), dim=1)) / 2
+        return probabilities
 
     def top(self, probabilities: torch.Tensor, top_k: int | None = None) -> list[list[tuple[str, float]]]:
         """The top-k (class name, probability) of each row of an N x num_classes probability batch,
