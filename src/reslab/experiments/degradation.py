@@ -8,8 +8,6 @@ not overfitting; with shortcuts the deeper net is at least as good.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +15,7 @@ from pathlib import Path
 
 from reslab.errors import ReslabError
 from reslab.experiments.common import default_image_size, default_out, model_depth
-from reslab.io import write_json, write_text
+from reslab.io import write_csv, write_json
 from reslab.models import get_model_spec
 
 METRIC_COLUMNS = ("model", "depth", "residual", "epoch", "lr", "train_loss", "train_error", "val_loss",
@@ -149,12 +147,7 @@ def run_degradation(config: DegradationConfig, progress=None) -> dict:
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(METRIC_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
-    write_text(out / "metrics.csv", buf.getvalue())
+    write_csv(out / "metrics.csv", METRIC_COLUMNS, rows)
     write_json(out / "summary.json", summary)
     plots.degradation(curves, out / "degradation.png")
     return summary

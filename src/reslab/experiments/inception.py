@@ -14,8 +14,6 @@ isolates the shortcut more strictly than the paper's Inception-v4 against Incept
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 import statistics
@@ -26,7 +24,7 @@ from pathlib import Path
 from reslab.errors import ReslabError
 from reslab.experiments.common import check_model_names, default_out
 from reslab.experiments.degradation import train_error_eval
-from reslab.io import write_json, write_text
+from reslab.io import write_csv, write_json
 from reslab.models import get_model_spec
 
 METRIC_COLUMNS = ("model", "family", "residual", "epoch", "lr", "train_loss", "train_error", "val_loss",
@@ -200,12 +198,7 @@ def run_inception(config: InceptionConfig, progress=None) -> dict:
         },
         "seconds": round(time.perf_counter() - started, 1),
     }
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(METRIC_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
-    write_text(out / "metrics.csv", buf.getvalue())
+    write_csv(out / "metrics.csv", METRIC_COLUMNS, rows)
     write_json(out / "summary.json", summary)
     plots.inception_curves(curves, out / "inception.png")
     return summary
