@@ -1,0 +1,363 @@
+"""The small-photo recipe (issue 14): --budget, the photo-folder defaults, and each ingredient
+(TrivialAugment, random erasing, mixup, cutmix, EMA, the stem option) shown to act, to be
+recorded in config.json, and to resume bitwise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from safetensors.torch import load_file
+
+from reslab.errors import ReslabError
+from reslab.train import TrainConfig, train
+from reslab.train import loop as train_loop
+from reslab.train.schedule import lr_multiplier
+from reslab.train.state import load_state
+from test_train import make_folder, tiny_config
+
+# Every ingredient on at once (the exact-resume tests run with all of them).
+ALL_ON = dict(augment="trivial", random_erasing=0.5, mixup=0.4, cutmix=1.0, ema=0.9)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data") / "shapes")
+
+
+class FakeClock:
+    """Time that passes only as the trainer works: STEP seconds per training step, EVAL per
+    evaluation pass, nothing for anything else (loading, files)."""
+
+    STEP, EVAL = 1.0, 0.25
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        make_step, evaluate_sums = train_loop.make_step, train_loop.evaluate_sums
+
+        def timed_make_step(*args, **kwargs):
+            step = make_step(*args, **kwargs)
+
+            def timed(x, y):
+                self.now += self.STEP
+                return step(x, y)
+
+            return timed
+
+        def timed_evaluate_sums(*args, **kwargs):
+            self.now += self.EVAL
+            return evaluate_sums(*args, **kwargs)
+
+        monkeypatch.setattr(train_loop, "clock", lambda: self.now)
+        monkeypatch.setattr(train_loop, "make_step", timed_make_step)
+        monkeypatch.setattr(train_loop, "evaluate_sums", timed_evaluate_sums)
+
+
+def _weights(run):
+    return load_file(run / "last.safetensors")
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- --budget ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [30.0, 100.0])
+def test_budget_fits_the_epochs_to_a_fake_clock_and_records_them(folder, tmp_path, monkeypatch, budget):
+    clock = FakeClock(monkeypatch)
+    run = tmp_path / "run"
+    summary = train(tiny_config(folder, run, epochs=None, budget=budget))
+    # 27 training images in batches of 8: 4 steps an epoch, then one validation pass. Measuring ran
+    # 2 warm-up and 3 timed steps and 2 validation passes (5.5 s), so (budget - 5.5) // 4.25 epochs fit.
+    epoch_seconds, spent = 4 * clock.STEP + clock.EVAL, 5 * clock.STEP + 2 * clock.EVAL
+    expected = int((budget - spent) // epoch_seconds)
+    assert summary["epochs"] == summary["planned_epochs"] == expected >= 1
+    assert summary["budget"]["used_seconds"] <= budget < summary["budget"]["used_seconds"] + epoch_seconds
+    assert summary["budget"]["step_seconds"] == pytest.approx(clock.STEP)
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["epochs"] == expected and record["config"]["budget"] is None
+    assert record["budget"]["epochs"] == expected and record["budget"]["seconds"] == budget
+    # The schedule spans exactly the chosen epochs: one-cycle ends at its last step.
+    state = load_state(run)
+    steps = 4 * expected
+    assert state["global_step"] == steps
+    warmup = round(record["config"]["warmup_epochs"] * 4)
+    peak = record["config"]["lr"]  # the photo-folder default lr
+    assert state["rows"][-1][1] == pytest.approx(peak * lr_multiplier("onecycle", steps - 1, steps, warmup))
+    assert record["config"]["warmup_epochs"] == pytest.approx(0.25 * expected)
+
+
+def test_budget_run_is_the_run_of_its_epochs_and_resumes_bitwise_with_every_ingredient(folder, tmp_path,
+                                                                                     monkeypatch):
+    FakeClock(monkeypatch)
+    options = dict(epochs=None, budget=15.0, **ALL_ON)  # (15 - 5.5) // (4 + 2 x 0.25), EMA too: 2 epochs
+    planned = train(tiny_config(folder, tmp_path / "planned", **options))
+    assert planned["epochs"] == 2
+    # Measuring touched neither the model, nor the optimizer, nor the RNG: --epochs 2 is the same run.
+    fixed = train(tiny_config(folder, tmp_path / "fixed", epochs=2, **ALL_ON))
+    assert _same_weights(_weights(tmp_path / "planned"), _weights(tmp_path / "fixed"))
+    # Interrupted mid-epoch 2 and resumed from the directory alone: bitwise the same again, EMA included.
+    cut = train(tiny_config(folder, tmp_path / "cut", **options), stop=lambda epoch, step: (epoch, step) == (2, 1))
+    assert cut["interrupted"] and "ema" in load_state(tmp_path / "cut")
+    resumed = train(TrainConfig(resume=str(tmp_path / "cut"), quiet=True))
+    assert resumed["stopped"] == "completed" and resumed["budget"]["epochs"] == 2
+    assert _same_weights(_weights(tmp_path / "planned"), _weights(tmp_path / "cut"))
+    a, b = load_state(tmp_path / "planned"), load_state(tmp_path / "cut")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert fixed["best_val_acc"] == resumed["best_val_acc"] and fixed["best_weights"] == resumed["best_weights"]
+
+
+def test_cli_end_line_says_how_the_budget_was_spent(folder, tmp_path, monkeypatch, capsys):
+    from reslab.cli import main
+
+    FakeClock(monkeypatch)
+    args = ["train", "--data", str(folder), "--model", "resnet8", "--image-size", "16", "--batch-size", "8",
+            "--val-split", "0.25", "--data-dir", str(folder.parent / "cache"), "--out", str(tmp_path / "run"),
+            "--budget", "30s", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    # (30 - 5.5) // 4.25 = 5 epochs: 5.5 + 5 x 4.25 = 26.75 s of the 30.
+    assert out[-1].startswith("used 26.8s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
+                              "4.2s each"), out[-1]
+
+
+def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):
+    from reslab.cli import build_parser
+    from reslab.cli.train import config_from_args
+    from reslab.train.config import format_duration, parse_duration
+
+    assert [parse_duration(t) for t in ("15m", "900s", "1h", "1h30m", "90")] == [900, 900, 3600, 5400, 90]
+    assert format_duration(5400) == "1h30m" and format_duration(42.5) == "42.5s"
+    for bad in ("soon", "15 minutes", "-5m", "0s"):
+        with pytest.raises(ReslabError, match=f"--budget {bad}"):
+            parse_duration(bad)
+    args = build_parser().parse_args(["train", "--budget", "15m", "--epochs", "3"])
+    with pytest.raises(ReslabError, match=r"--budget 15m chooses the number of epochs.*--epochs 3"):
+        config_from_args(args).resolve()
+    assert config_from_args(build_parser().parse_args(["train", "--budget", "1h30m"])).budget == 5400
+    with pytest.raises(ReslabError, match="--resume"):
+        config_from_args(build_parser().parse_args(["train", "--resume", str(tmp_path), "--budget", "5m"]))
+    # Nothing fits: one line with the measured epoch time and a budget that would do.
+    FakeClock(monkeypatch)
+    with pytest.raises(ReslabError, match=r"--budget 6s: one epoch .* takes about 4 s .*give at least --budget 1m"):
+        train(tiny_config(folder, tmp_path / "short", epochs=None, budget=6.0))
+
+
+# --- photo-folder defaults ---------------------------------------------------------------------
+
+
+def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
+    from reslab.data.folder import PHOTO_DEFAULTS
+
+    photo = TrainConfig(data=str(folder)).resolve()
+    for key, value in PHOTO_DEFAULTS.items():
+        assert getattr(photo, key) == value, key
+    # An explicit --model keeps its own stem and native input; --image-size or --augment win alone.
+    assert TrainConfig(data=str(folder), model="resnet20").resolve().image_size is None
+    explicit = TrainConfig(data=str(folder), image_size=64, augment="folder", ema=0.0).resolve()
+    assert (explicit.model, explicit.image_size, explicit.augment, explicit.ema) == (
+        PHOTO_DEFAULTS["model"], 64, "folder", 0.0)
+    assert TrainConfig(data=str(folder), budget=60.0).resolve().epochs is None  # the budget decides
+    assert TrainConfig(data=str(folder), optimizer="adamw").resolve().lr == 3e-3  # the photo lr is SGD's
+    # Digits, a fine-tuning run and the paper recipe are as they were.
+    for cfg in (TrainConfig(), TrainConfig(data=str(folder), pretrained="x.pt", recipe="finetune"),
+                TrainConfig(data=str(folder), recipe="paper")):
+        resolved = cfg.resolve()
+        assert resolved.model == "resnet20" and resolved.image_size is None and resolved.augment is None
+        assert (resolved.mixup, resolved.cutmix, resolved.ema, resolved.random_erasing) == (0, 0, 0, 0)
+
+
+def test_photo_defaults_are_printed_with_the_reason(folder, tmp_path, capsys):
+    from reslab.cli import main
+
+    args = ["train", "--data", str(folder), "--model", "resnet8", "--image-size", "16", "--epochs", "1",
+            "--batch-size", "8", "--val-split", "0.25", "--data-dir", str(folder.parent / "cache"),
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    from reslab.data.folder import PHOTO_DEFAULTS
+
+    assert f"photo folder from scratch: --lr {PHOTO_DEFAULTS['lr']:g}, --augment {PHOTO_DEFAULTS['augment']}" in err
+    assert "override" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == PHOTO_DEFAULTS["augment"]
+
+
+# --- each ingredient acts and is recorded --------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [{"random_erasing": 1.0}, {"mixup": 1.0}, {"cutmix": 1.0},
+                                    {"augment": "trivial"}, {"stem": "deep"}])
+def test_each_ingredient_changes_training_and_is_recorded(folder, tmp_path, option):
+    import dataclasses
+
+    off = {"random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "augment": "folder"}
+    base = tiny_config(folder, tmp_path / "off", epochs=1, **off)
+    if "stem" in option:  # an ImageNet net's stem
+        base = dataclasses.replace(base, model="resnet18", image_size=32)
+    train(base)
+    train(dataclasses.replace(base, out=str(tmp_path / "on"), **option))
+    a, b = _weights(tmp_path / "off"), _weights(tmp_path / "on")
+    assert not (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)), f"{option} changed nothing"
+    key, value = next(iter(option.items()))
+    assert json.loads((tmp_path / "on" / "config.json").read_text())["config"][key] == value
+
+
+def test_ema_is_evaluated_and_kept_as_the_best_weights_when_better(folder, tmp_path):
+    from reslab.checkpoint import load_model
+
+    run = tmp_path / "run"
+    summary = train(tiny_config(folder, run, epochs=3, ema=0.5))
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[-2:] == ["ema_val_loss", "ema_val_acc"]
+    state = load_state(run)
+    assert set(state["ema"]) == set(state["model"])
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    best_of_each = max(max(r[5], r[8]) for r in state["rows"])
+    assert summary["best_val_acc"] == best_of_each and summary["best_weights"] in ("model", "ema")
+    _, meta = load_model(run)
+    assert meta.extra["weights"] == summary["best_weights"]
+    assert json.loads((run / "config.json").read_text())["config"]["ema"] == 0.5
+    # Without validation data the run's product is the average itself.
+    plain = tmp_path / "noval"
+    summary = train(tiny_config(folder, plain, epochs=2, ema=0.5, val_split=0.0))
+    best, ema = load_file(plain / "best.safetensors"), load_state(plain)["ema"]
+    assert summary["best_weights"] == "ema" and all(torch.equal(best[k], ema[k]) for k in best)
+
+
+def test_weight_ema_follows_the_update_rule():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = train_loop.WeightEMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(4, 3))  # BatchNorm statistics and its step count move too
+    ema.update(model, step=100)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(ema.model.state_dict()[k], 0.9 * start[k] + 0.1 * v), k
+        else:
+            assert torch.equal(ema.model.state_dict()[k], v)
+    ema.update(model, step=0)  # warm-up: min(decay, 1/10) keeps 10% of the average, 90% of the model
+    assert all(not p.requires_grad for p in ema.model.parameters())
+
+
+def test_cli_fills_every_new_option():
+    from reslab.cli import build_parser
+    from reslab.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--mixup", "0.2", "--cutmix", "1", "--ema", "0.99", "--random-erasing",
+                                      "0.25", "--stem", "deep", "--augment", "trivial", "--budget", "5m"])
+    cfg = config_from_args(args)
+    assert (cfg.mixup, cfg.cutmix, cfg.ema, cfg.random_erasing, cfg.stem, cfg.augment, cfg.budget) == (
+        0.2, 1.0, 0.99, 0.25, "deep", "trivial", 300.0)
+    for bad, match in (({"ema": 1.0}, "--ema"), ({"random_erasing": 1.5}, "--random-erasing"),
+                       ({"mixup": -1.0}, "--mixup"), ({"stem": "tiny"}, "--stem must be one of")):
+        with pytest.raises(ReslabError, match=match):
+            TrainConfig(**bad).resolve()
+
+
+# --- augmentation ops ------------------------------------------------------------------------
+
+
+def _photo() -> Image.Image:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:24, :24]
+    pixels = np.stack([xx * 9, yy * 7, (xx + yy) * 4], -1) + rng.integers(0, 30, (24, 24, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
+
+
+def test_trivial_colour_ops_match_pil():
+    from reslab.data.augment import TRIVIAL_MAX, TRIVIAL_OPS, trivial_colour
+
+    image = _photo()
+    x = _tensor(image)
+
+    def op(name, strength=0.5):
+        return trivial_colour(x, torch.tensor([TRIVIAL_OPS.index(name)]), torch.tensor([strength], dtype=torch.float64))
+
+    assert torch.equal(op("equalize"), _tensor(ImageOps.equalize(image)))
+    assert (op("autocontrast") - _tensor(ImageOps.autocontrast(image))).abs().max() <= 1
+    for name, enhance in (("brightness", ImageEnhance.Brightness), ("color", ImageEnhance.Color),
+                          ("contrast", ImageEnhance.Contrast), ("sharpness", ImageEnhance.Sharpness)):
+        factor = 1 + 0.5 * TRIVIAL_MAX[name]
+        assert (op(name) - _tensor(enhance(image).enhance(factor))).abs().max() <= 1.5, name
+    assert torch.equal(op("solarize", 0.5), _tensor(ImageOps.solarize(image, 128)))
+    assert torch.equal(op("posterize", 0.5), _tensor(ImageOps.posterize(image, 6)))
+    assert torch.equal(op("identity"), x) and torch.equal(op("rotate"), x)  # geometry is affine_matrices' job
+
+
+def test_trivial_policy_is_a_pure_function_of_the_generator_and_changes_colours():
+    from reslab.data.augment import POLICIES, augment
+
+    flat = torch.full((256, 3, 16, 16), 100, dtype=torch.uint8)
+    flat[:, 0] = 180
+    a = augment(flat, POLICIES["trivial"], torch.Generator().manual_seed(3))
+    b = augment(flat, POLICIES["trivial"], torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    geometric_only = augment(flat, POLICIES["folder"], torch.Generator().manual_seed(3))
+    assert torch.allclose(geometric_only, flat.float(), atol=1e-3)  # a flat image stays flat under geometry
+    changed = (a - flat.float()).abs().amax((1, 2, 3)) > 1
+    assert 30 < int(changed.sum()) < 200  # colour ops hit some images; identity and geometry leave others
+
+
+def test_random_erasing_sets_one_rectangle_to_the_mean():
+    from reslab.data.augment import erase
+
+    x = torch.ones(32, 3, 20, 20)
+    assert torch.equal(erase(x, 0.0, torch.Generator().manual_seed(0)), x)
+    out = erase(x, 1.0, torch.Generator().manual_seed(0))
+    erased = out == 0
+    assert erased.all(1).any((1, 2)).all()  # every image, all channels together
+    area = erased[:, 0].float().mean((1, 2))
+    assert ((area >= 0.01) & (area <= 0.45)).all()
+    rows, cols = erased[:, 0].any(2), erased[:, 0].any(1)
+    assert torch.equal(erased[:, 0].sum((1, 2)), rows.sum(1) * cols.sum(1))  # a rectangle
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(1.0, 0.0), (0.0, 1.0)])
+def test_mix_makes_soft_targets_that_match_the_pixels(mixup, cutmix):
+    from reslab.data.augment import mix
+
+    n = 8
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 10, 10).clone()
+    y = torch.arange(n) % 4
+    mixed, target = mix(x, y, 4, mixup=mixup, cutmix=cutmix, generator=torch.Generator().manual_seed(5))
+    assert target.shape == (n, 4) and torch.allclose(target.sum(1), torch.ones(n))
+    # The share of image i in mixed image i is lambda, for pixels (mixup) or area (cutmix).
+    own = (mixed == x).float().mean((1, 2, 3)) if cutmix else (mixed - x.flip(0)) / (x - x.flip(0))
+    lam = float(own.flatten()[0]) if cutmix else float(own[0, 0, 0, 0])
+    assert 0 <= lam <= 1
+    expected = torch.nn.functional.one_hot(y, 4) * lam + torch.nn.functional.one_hot(y.flip(0), 4) * (1 - lam)
+    assert torch.allclose(target, expected, atol=1e-6)
+
+
+# --- the stem option -------------------------------------------------------------------------
+
+
+def test_stem_option_builds_timms_deep_stem_and_keeps_torchvision_by_default():
+    from reslab import create_model
+
+    default = create_model("resnet18", num_classes=2)
+    assert default.conv1.kernel_size == (7, 7) and default.maxpool is not None
+    deep = create_model("resnet18", num_classes=2, stem="deep")
+    keys = [k for k in deep.state_dict() if k.startswith("conv1.") and k.endswith("weight")]
+    assert keys == ["conv1.0.weight", "conv1.1.weight", "conv1.3.weight", "conv1.4.weight", "conv1.6.weight"]
+    assert [tuple(deep.state_dict()[k].shape[:2]) for k in keys[::2]] == [(32, 3), (32, 32), (64, 32)]
+    assert deep(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    assert create_model("resnet20", stem="cifar").state_dict().keys() == create_model("resnet20").state_dict().keys()
+    with pytest.raises(ReslabError, match=r"stem must be one of .*got 'big'"):
+        create_model("resnet18", stem="big")
+    with pytest.raises(ReslabError, match="stem picks a ResNet's stem"):
+        create_model("googlenet", stem="deep")
+    with pytest.raises(ReslabError, match="belongs to the ImageNet nets"):
+        create_model("resnet20", stem="deep")
