@@ -81,7 +81,10 @@ def test_short_run_writes_every_file_consistently(folder, tmp_path):
     assert saved["images_per_second"] > 0
 
     config = json.loads((run / "config.json").read_text())
-    assert config["config"]["lr"] == 0.2 and config["config"]["schedule"] == "onecycle"  # the recipe resolved
+    from reslab.data.folder import PHOTO_DEFAULTS
+
+    # The recipe resolved, with the photo-folder lr (a folder trained from scratch).
+    assert config["config"]["lr"] == PHOTO_DEFAULTS["lr"] and config["config"]["schedule"] == "onecycle"
     assert config["precision"] == "fp32" or config["hardware"]["cpu_bf16_native"]
     assert config["classes"] == list(CLASSES) and config["data"]["sizes"]["val"] == 9
     assert "hardware" in config
