@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict] = {
     "r18-deep-96": {"model": "resnet18", "image_size": 96, "stem": "deep"},
     "r18-cifar-32": {"model": "resnet18", "image_size": 32, "stem": "cifar"},
     "r20-64": {"model": "resnet20", "image_size": 64},
+    "r20-32": {"model": "resnet20", "image_size": 32},  # digits-folder: the CIFAR net at its own size
     "r34-112": {"model": "resnet34", "image_size": 112},
 }
 
