@@ -95,7 +95,8 @@ def test_budget_fits_the_epochs_to_a_fake_clock_and_records_them(folder, tmp_pat
 def test_budget_run_is_the_run_of_its_epochs_and_resumes_bitwise_with_every_ingredient(folder, tmp_path,
                                                                                      monkeypatch):
     FakeClock(monkeypatch)
-    options = dict(epochs=None, budget=15.0, **ALL_ON)  # (15 - 5.5) // (4 + 2 x 0.25), EMA too: 2 epochs
+    # (16 - 5.5 - 3 x 0.25 for flipping) // (4 + 2 x 0.25), EMA evaluated too: 2 epochs
+    options = dict(epochs=None, budget=16.0, **ALL_ON)
     planned = train(tiny_config(folder, tmp_path / "planned", **options))
     assert planned["epochs"] == 2
     # Measuring touched neither the model, nor the optimizer, nor the RNG: --epochs 2 is the same run.
@@ -121,9 +122,10 @@ def test_cli_end_line_says_how_the_budget_was_spent(folder, tmp_path, monkeypatc
             "--budget", "30s", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    # (30 - 5.5) // 4.25 = 5 epochs: 5.5 + 5 x 4.25 = 26.75 s of the 30.
-    assert out[-1].startswith("used 26.8s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
-                              "4.2s each"), out[-1]
+    # (30 - 5.5 - 0.75) // 4.25 = 5 epochs; the end measures flipping on the validation split (planned as
+    # 3 passes; this clock charges 2): 5.5 + 5 x 4.25 + 0.5 = 27.25 s of the 30.
+    assert out[-1].startswith("used 27.2s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
+                              "4.2s each with evaluation and checkpoint, and 0.8s for the final evaluations"), out[-1]
 
 
 def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):
@@ -152,14 +154,18 @@ def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):
 
 
 def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
-    from reslab.data.folder import PHOTO_DEFAULTS
+    from reslab.data.folder import PHOTO_DEFAULTS, SMALL_PHOTO_MODEL
 
-    photo = TrainConfig(data=str(folder)).resolve()
+    photos = make_folder(folder.parent / "photos", per_class=4, size=64)  # photos: resnet18 at 112 px
+    photo = TrainConfig(data=str(photos)).resolve()
     for key, value in PHOTO_DEFAULTS.items():
         assert getattr(photo, key) == value, key
+    small = TrainConfig(data=str(folder)).resolve()  # 16 px images: the CIFAR net at its own size
+    assert (small.model, small.stem, small.image_size, small.augment) == (
+        *SMALL_PHOTO_MODEL.values(), PHOTO_DEFAULTS["augment"])
     # An explicit --model keeps its own stem and native input; --image-size or --augment win alone.
     assert TrainConfig(data=str(folder), model="resnet20").resolve().image_size is None
-    explicit = TrainConfig(data=str(folder), image_size=64, augment="folder", ema=0.0).resolve()
+    explicit = TrainConfig(data=str(photos), image_size=64, augment="folder", ema=0.0).resolve()
     assert (explicit.model, explicit.image_size, explicit.augment, explicit.ema) == (
         PHOTO_DEFAULTS["model"], 64, "folder", 0.0)
     assert TrainConfig(data=str(folder), budget=60.0).resolve().epochs is None  # the budget decides
@@ -172,6 +178,24 @@ def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
         assert (resolved.mixup, resolved.cutmix, resolved.ema, resolved.random_erasing) == (0, 0, 0, 0)
 
 
+@pytest.mark.parametrize("count, side, expected", [(1_800, 300, ("resnet18", 112, 30)),
+                                                   (60_000, 28, ("resnet20", 32, 6)),
+                                                   (6_000, 500, ("resnet18", 112, 10))])
+def test_photo_defaults_follow_the_folders_image_size_and_count(monkeypatch, count, side, expected):
+    from reslab.data import folder as folder_module
+
+    monkeypatch.setattr(folder_module, "folder_facts", lambda spec: (count, side))
+    chosen, why = folder_module.photo_choice("anything")
+    assert (chosen["model"], chosen["image_size"], chosen["epochs"]) == expected
+    assert why.startswith(f"{count:,} images of about {side} px")
+
+
+def test_folder_facts_reads_headers_and_counts_images(folder):
+    from reslab.data.folder import folder_facts
+
+    assert folder_facts(str(folder)) == (36, 16)
+
+
 def test_photo_defaults_are_printed_with_the_reason(folder, tmp_path, capsys):
     from reslab.cli import main
 
@@ -182,7 +206,8 @@ def test_photo_defaults_are_printed_with_the_reason(folder, tmp_path, capsys):
     err = capsys.readouterr().err
     from reslab.data.folder import PHOTO_DEFAULTS
 
-    assert f"photo folder from scratch: --lr {PHOTO_DEFAULTS['lr']:g}, --augment {PHOTO_DEFAULTS['augment']}" in err
+    assert (f"photo folder from scratch (36 images of about 16 px: small images take the CIFAR net at 32 px): "
+            f"--lr {PHOTO_DEFAULTS['lr']:g}, --augment {PHOTO_DEFAULTS['augment']}") in err
     assert "override" in err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == PHOTO_DEFAULTS["augment"]
 
@@ -227,6 +252,27 @@ def test_ema_is_evaluated_and_kept_as_the_best_weights_when_better(folder, tmp_p
     summary = train(tiny_config(folder, plain, epochs=2, ema=0.5, val_split=0.0))
     best, ema = load_file(plain / "best.safetensors"), load_state(plain)["ema"]
     assert summary["best_weights"] == "ema" and all(torch.equal(best[k], ema[k]) for k in best)
+
+
+def test_training_measures_test_time_flipping_on_validation_and_records_what_pays(folder, tmp_path):
+    from reslab.checkpoint import load_model
+    from reslab.data import load_data
+    from reslab.inference.predictor import Predictor
+
+    run = tmp_path / "run"
+    summary = train(tiny_config(folder, run, epochs=2, augment="folder", precision="fp32"))
+    accs = summary["tta_val_acc"]
+    assert summary["tta"] == ("flip" if accs["flip"] > accs["none"] else "none")
+    _, meta = load_model(run)
+    assert meta.extra["tta"] == summary["tta"] and meta.extra["tta_val_acc"] == accs
+    # The accuracies are the best weights' on the validation split, without and with the mirror image.
+    assert accs["none"] == summary["best_val_acc"]
+    val = load_data(str(folder), image_size=16, val_split=0.25, data_dir=str(folder.parent / "cache"), quiet=True).val
+    for mode in ("none", "flip"):
+        predicted = Predictor(run, backend="torch", precision="fp32", tta=mode).probabilities(val.images).argmax(1)
+        assert (predicted == val.labels).double().mean().item() == pytest.approx(accs[mode])
+    # Data that is not a photo folder (no mirrored training images) is not measured.
+    assert "tta" not in train(tiny_config(folder, tmp_path / "plain", epochs=1, augment="none"))
 
 
 def test_weight_ema_follows_the_update_rule():

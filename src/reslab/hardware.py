@@ -152,10 +152,8 @@ def describe() -> dict:
 
 
 def train_channels_last(precision: str, device: str | torch.device = "cpu") -> bool:
-    """Whether training runs channels_last by default: with bf16 or on a GPU, where kernels want it.
-
-    A CPU fp32 step measured faster channels_last too (benchmarks/RESULTS.md), but it changes the
-    arithmetic order, and the recorded default-run and experiment results were made in NCHW;
-    `--channels-last` opts in.
-    """
-    return precision == "bf16" or torch.device(device).type == "cuda"
+    """Whether training runs channels_last by default: yes on the CPU and on CUDA, at every
+    precision, because it was measured faster everywhere it was measured (benchmarks/RESULTS.md,
+    "Training step": ResNet-20 at batch 128, fp32 on AVX2 and AVX-512, bf16 on AVX-512-BF16);
+    other devices (mps) keep NCHW. `--no-channels-last` turns it off."""
+    return torch.device(device).type in ("cpu", "cuda")

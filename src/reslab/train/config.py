@@ -95,7 +95,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the model family's native input (32 CIFAR, 224 ImageNet)
     seed: int = 0
     precision: str = "auto"
-    channels_last: bool | None = None  # None: reslab.hardware.train_channels_last (bf16 or GPU)
+    channels_last: bool | None = None  # None: reslab.hardware.train_channels_last (CPU and CUDA)
     compile: bool = False
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     early_stop: int | None = None  # patience in epochs without a better val accuracy; None: off
@@ -288,13 +288,14 @@ class TrainConfig:
 
 
 def photo_defaults(cfg: TrainConfig) -> dict:
-    """The photo-folder defaults (reslab.data.folder.PHOTO_DEFAULTS) that apply to `cfg`: a folder
-    trained from scratch with the fast recipe; the model's stem and input size only with the model."""
-    from reslab.data.folder import PHOTO_DEFAULTS, PHOTO_MODEL_CHOICE, is_image_folder
+    """The photo-folder defaults (reslab.data.folder.photo_choice: PHOTO_DEFAULTS for this folder's
+    image size and count) that apply to `cfg`: a folder trained from scratch with the fast recipe;
+    the model's stem and input size only with the model."""
+    from reslab.data.folder import PHOTO_MODEL_CHOICE, is_image_folder, photo_choice
 
     if cfg.recipe != "fast" or cfg.pretrained is not None or not is_image_folder(cfg.data):
         return {}
-    chosen = dict(PHOTO_DEFAULTS)
+    chosen = photo_choice(cfg.data)[0]
     if cfg.model is not None:
         for key in PHOTO_MODEL_CHOICE:
             chosen.pop(key)
