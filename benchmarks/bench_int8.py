@@ -147,6 +147,17 @@ def accuracy(args) -> list[dict]:
     test = load_eval_set("digits", meta)
     rows += accuracy_case("resnet20 trained on digits", run, "digits", calibration_images("digits", meta, CALIBRATION),
                           test.images, test.labels)
+    if args.finetuned:  # the CIFAR-10 resnet56 fine-tuned on the photos: checked on its validation photos
+        from reslab.data import load_data
+        from reslab.inference.quantize import pick
+
+        _, meta = load_source(args.finetuned)
+        data, extra, pre = meta.extra["data"], meta.extra, meta.preprocessing
+        bundle = load_data(data, image_size=pre.get("resize_size") or pre["image_size"], val_split=extra["val_split"],
+                           seed=extra["seed"], quiet=True)
+        val = pick(bundle.val.images, len(bundle.val.images), pre["image_size"])
+        rows += accuracy_case(f"{meta.model} fine-tuned on {Path(data).name}", args.finetuned, data,
+                              calibration_images(data, meta, CALIBRATION), val, bundle.val.labels)
     if CATS_DOGS.is_dir():
         for name in ("resnet20.akamaster_cifar10", "resnet56.akamaster_cifar10"):
             try:
@@ -209,6 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results-int8.json")
     parser.add_argument("--run", help="a resnet20 run trained on digits (default: train one for 6 epochs)")
+    parser.add_argument("--finetuned", help="a run fine-tuned from resnet56.akamaster_cifar10 on a photo folder, e.g. "
+                        "`reslab train --pretrained resnet56.akamaster_cifar10 --recipe finetune --data "
+                        "cats-vs-dogs-2000 --val-split 0.1`: checked on its validation photos")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed window per row (default 10)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
