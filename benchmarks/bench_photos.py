@@ -128,7 +128,7 @@ def train_once(data: str, options: dict, seed: int, *, epochs: int | None, budge
             "best_val_acc": summary["best_val_acc"], "final_val_acc": summary["final_val_acc"],
             "best_weights": summary["best_weights"], "minutes": round((time.perf_counter() - start) / 60, 2),
             "train_minutes": round(summary["train_seconds"] / 60, 2), "load_start": load_start, "load_end": load(),
-            "budget": summary.get("budget")}
+            "budget": summary.get("budget"), "tta": summary.get("tta"), "tta_val_acc": summary.get("tta_val_acc")}
 
 
 def emit(row: dict, out: str | None) -> None:
