@@ -79,9 +79,10 @@ def settings_rows(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, meta, Path(tmp) / "fp32.onnx")
-        for activations, reduce_range in (("uint8", False), ("uint8", True), ("int8", False)):
-            settings = Int8Settings(reduce_range=reduce_range, activations=activations)
-            path = quantize_onnx(fp32, Path(tmp) / f"{activations}-{reduce_range}.onnx",
+        for activations, reduce_range, ends in (("uint8", False, False), ("uint8", True, False), ("uint8", True, True),
+                                                ("int8", False, False)):
+            settings = Int8Settings(reduce_range=reduce_range, activations=activations, fp32_ends=ends)
+            path = quantize_onnx(fp32, Path(tmp) / f"{activations}-{reduce_range}-{ends}.onnx",
                                  normalized_batches(calibration, meta), meta, settings,
                                  calibration_record(calibration, "digits"))
             for backend in ("onnxruntime", "openvino"):
@@ -90,7 +91,7 @@ def settings_rows(args) -> list[dict]:
                 runner = OnnxRuntimeRunner(path, threads=threads) if backend == "onnxruntime" else \
                     OpenVinoRunner(path, threads=threads)
                 times = time_steps(lambda r=runner: r(x), args.warmup, args.seconds, lambda: None)
-                row = {"activations": activations, "weights": "int8", "reduce_range": reduce_range,
+                row = {"activations": activations, "weights": "int8", "reduce_range": reduce_range, "fp32_ends": ends,
                        "backend": backend, "images_per_second": 32 * len(times) / sum(times)}
                 print(f"  u8/s8 choice: activations {activations:<5} reduce_range {reduce_range!s:<5} {backend:<12} "
                       f"{row['images_per_second']:7.1f} img/s", flush=True)
@@ -116,8 +117,9 @@ def accuracy_case(name: str, source, data: str, calibration, holdout, labels) ->
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, meta, Path(tmp) / "fp32.onnx")
-        for reduce_range in (False, True):
-            settings = Int8Settings(reduce_range=reduce_range)
+        # This CPU's settings, the AVX2 settings (reduce_range), and those with the ends kept fp32.
+        for reduce_range, fp32_ends in ((False, False), (True, False), (True, True)):
+            settings = Int8Settings(reduce_range=reduce_range, fp32_ends=fp32_ends)
             int8 = quantize_onnx(fp32, Path(tmp) / "int8.onnx", normalized_batches(calibration, meta), meta, settings,
                                  calibration_record(calibration, data))
             for backend in [b for b in ("onnxruntime", "openvino") if b in installed_backends()]:
@@ -125,11 +127,13 @@ def accuracy_case(name: str, source, data: str, calibration, holdout, labels) ->
                 b = _predictions(int8, holdout, meta, backend)
                 row = {"model": name, "data": data, "image_size": meta.preprocessing["image_size"],
                        "calibration_images": len(calibration), "n": len(labels), "reduce_range": reduce_range,
+                       "fp32_ends": fp32_ends,
                        "backend": backend, "agreement": float((a == b).float().mean()),
                        "fp32_top1": float((a == labels).float().mean()),
                        "int8_top1": float((b == labels).float().mean())}
                 row["drop"] = row["fp32_top1"] - row["int8_top1"]
-                print(f"  {name:<30} {backend:<12} reduce_range {reduce_range!s:<5} n {row['n']:5d} agreement "
+                print(f"  {name:<30} {backend:<12} reduce_range {reduce_range!s:<5} fp32 ends {fp32_ends!s:<5} "
+                      f"n {row['n']:5d} agreement "
                       f"{row['agreement']:.4f} fp32 {row['fp32_top1']:.4f} int8 {row['int8_top1']:.4f} "
                       f"drop {row['drop']:+.4f}", flush=True)
                 rows.append(row)
@@ -200,17 +204,19 @@ def tables(record: dict) -> str:
                          f"| {b1['ms_per_batch']:.1f} | {_percent(b1['peak_fraction'])} |")
     if record["settings"]:
         lines += ["", "| quantized as (batch 32) | ONNX Runtime img/s | OpenVINO img/s |", "| --- | ---: | ---: |"]
-        by = {(r["activations"], r["reduce_range"], r["backend"]): r["images_per_second"] for r in record["settings"]}
-        for act, reduce_range in dict.fromkeys((r["activations"], r["reduce_range"]) for r in record["settings"]):
-            cells = [f"{by[(act, reduce_range, b)]:.1f}" if (act, reduce_range, b) in by else "-"
+        by = {(r["activations"], r["reduce_range"], r.get("fp32_ends"), r["backend"]): r["images_per_second"]
+              for r in record["settings"]}
+        for act, reduce_range, ends in dict.fromkeys(k[:3] for k in by):
+            cells = [f"{by[(act, reduce_range, ends, b)]:.1f}" if (act, reduce_range, ends, b) in by else "-"
                      for b in ("onnxruntime", "openvino")]
-            lines.append(f"| {act} activations, int8 weights{', reduce_range' if reduce_range else ''} | "
-                         f"{' | '.join(cells)} |")
+            lines.append(f"| {act} activations, int8 weights{', reduce_range' if reduce_range else ''}"
+                         f"{', first conv and classifier fp32' if ends else ''} | {' | '.join(cells)} |")
     if record["accuracy"]:
-        lines += ["", "| model | held out | reduce_range | runtime | agreement | fp32 top-1 | int8 top-1 | change |",
-                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| model | held out | reduce_range | fp32 ends | runtime | agreement | fp32 top-1 | int8 top-1 | "
+                  "change |", "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
         for r in record["accuracy"]:
             lines.append(f"| {r['model']} | {Path(r['data']).name} ({r['n']}) | {'yes' if r['reduce_range'] else 'no'}"
+                         f" | {'yes' if r.get('fp32_ends') else 'no'}"
                          f" | {r['backend']} | {r['agreement']:.4f} | {r['fp32_top1']:.4f} | {r['int8_top1']:.4f} | "
                          f"{r['int8_top1'] - r['fp32_top1']:+.4f} |")
     return "\n".join(lines)

@@ -281,3 +281,26 @@ def test_serve_runs_int8_calibrated_on_the_runs_data(trained, tmp_path):
     with TestClient(app) as client:
         response = client.post("/predict", files={"file": (image.name, image.read_bytes(), "image/png")})
     assert response.status_code == 200 and response.json()["predictions"][0]["class"] in CLASSES
+
+
+def test_fp32_ends_keeps_the_first_conv_and_the_classifier_in_fp32(trained, tmp_path):
+    import onnx
+
+    from reslab.inference.fold import fold_batchnorm
+    from reslab.inference.quantize import quantize_model
+    from reslab.weights.source import load_source
+
+    folder, run = trained
+    model, meta = load_source(run)
+    model = fold_batchnorm(model)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def quantized_inputs(settings) -> tuple[bool, bool]:
+        graph = onnx.load(str(quantize_model(model, meta, tmp_path / f"{settings.fp32_ends}.onnx", images, settings)))
+        made_by_dequantize = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        first = next(n for n in graph.graph.node if n.op_type == "Conv")
+        last = next(n for n in reversed(graph.graph.node) if n.op_type in ("Gemm", "MatMul"))
+        return first.input[1] in made_by_dequantize, last.input[1] in made_by_dequantize
+
+    assert quantized_inputs(Int8Settings(reduce_range=True)) == (True, True)
+    assert quantized_inputs(Int8Settings(reduce_range=True, fp32_ends=True)) == (False, False)

@@ -74,6 +74,7 @@ class Int8Settings:
     weights: str = "int8"
     calibration: str = "minmax"
     format: str = "QDQ"
+    fp32_ends: bool = False  # the first convolution and the classifier left in fp32
 
     @classmethod
     def for_this_cpu(cls, reduce_range: bool | None = None) -> Int8Settings:
@@ -218,7 +219,8 @@ def quantize_onnx(fp32: str | os.PathLike, out: str | os.PathLike, batches: Iter
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         quantized = Path(tmp) / "int8.onnx"
-        quantize_static(str(prepared), str(quantized), _Batches(iter(batches)),
+        excluded = _end_nodes(onnx.load(str(prepared))) if settings.fp32_ends else []
+        quantize_static(str(prepared), str(quantized), _Batches(iter(batches)), nodes_to_exclude=excluded,
                         quant_format=getattr(QuantFormat, settings.format), per_channel=settings.per_channel,
                         reduce_range=settings.reduce_range, activation_type=types[settings.activations],
                         weight_type=types[settings.weights], calibrate_method=CalibrationMethod.MinMax,
@@ -233,6 +235,14 @@ def quantize_onnx(fp32: str | os.PathLike, out: str | os.PathLike, batches: Iter
         with atomic_path(out) as staged:
             onnx.save(graph, str(staged))
     return out
+
+
+def _end_nodes(graph) -> list[str]:
+    """Names of the graph's first convolution and last matrix product (the classifier)."""
+    nodes = graph.graph.node
+    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+    return [name for name in (first, last) if name]
 
 
 def quantize_model(model: nn.Module, meta: CheckpointMeta, out: str | os.PathLike, images: torch.Tensor,
