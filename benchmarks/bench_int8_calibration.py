@@ -4,9 +4,10 @@
         --pretrained resnet56.akamaster_cifar10 --recipe finetune --out /tmp/ft56-half
     .venv/bin/python benchmarks/bench_int8_calibration.py /tmp/ft56-half
 
-Quantizes the run's model with MinMax on 128 and 512 training images, Percentile, Entropy, the first
-convolution and classifier kept fp32, and reduce_range; prints agreement with fp32 and the top-1
-change on the run's validation split. Figures in benchmarks/RESULTS.md, "int8 accuracy".
+Quantizes the run's model with MinMax on 128 and 512 training images, Percentile, Entropy, the
+first convolution and classifier kept fp32, and reduce_range with per-channel and per-tensor
+weights; prints agreement with fp32 and the top-1 change on the run's validation split. Figures
+in benchmarks/RESULTS.md, "int8 accuracy".
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# name, calibration images, ONNX Runtime calibration method, reduce_range, fp32 ends
-VARIANTS = [("minmax128", 128, "MinMax", False, False), ("minmax512", 512, "MinMax", False, False),
-            ("percentile128", 128, "Percentile", False, False), ("entropy128", 128, "Entropy", False, False),
-            ("minmax128-ends", 128, "MinMax", False, True), ("minmax128-rr", 128, "MinMax", True, False)]
+# name, calibration images, ONNX Runtime calibration method, reduce_range, fp32 ends, per-channel weights
+VARIANTS = [("minmax128", 128, "MinMax", False, False, True), ("minmax512", 512, "MinMax", False, False, True),
+            ("percentile128", 128, "Percentile", False, False, True),
+            ("entropy128", 128, "Entropy", False, False, True),
+            ("minmax128-ends", 128, "MinMax", False, True, True), ("minmax128-rr", 128, "MinMax", True, False, True),
+            ("minmax128-rr-tensor", 128, "MinMax", True, False, False)]
 
 
 def main() -> None:
@@ -58,7 +61,7 @@ def main() -> None:
         fp32 = export_onnx(model, meta, Path(tmp) / "fp32.onnx")
         a = _predictions(fp32, val, meta, "onnxruntime")
         print(f"n {len(labels)} fp32 top-1 {float((a == labels).float().mean()):.4f}", flush=True)
-        for name, count, method, reduce_range, ends in VARIANTS:
+        for name, count, method, reduce_range, ends, per_channel in VARIANTS:
             def with_method(*positional, method=method, **options):  # quantize_onnx's call, another calibration
                 return original(*positional, **{**options, "calibrate_method": getattr(CalibrationMethod, method)})
 
@@ -66,7 +69,8 @@ def main() -> None:
             try:
                 images = calibration_images(extra["data"], meta, count)
                 int8 = quantize_onnx(fp32, Path(tmp) / f"{name}.onnx", normalized_batches(images, meta), meta,
-                                     Int8Settings(reduce_range=reduce_range, fp32_ends=ends),
+                                     Int8Settings(reduce_range=reduce_range, fp32_ends=ends,
+                                                  per_channel=per_channel),
                                      calibration_record(images, extra["data"]))
             finally:
                 ort_quantization.quantize_static = original

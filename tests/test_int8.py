@@ -238,6 +238,8 @@ def test_reduce_range_is_decided_from_the_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setenv("RESLAB_CPU_VNNI", "0")
     assert Int8Settings.for_this_cpu().reduce_range is True  # u8 x s8 pairs summed in int16 can saturate
+    assert Int8Settings.for_this_cpu().per_channel is False  # with 7-bit weights, per tensor measured better
+    assert Int8Settings.for_this_cpu(reduce_range=False).per_channel is True
     assert Int8Settings.for_this_cpu(reduce_range=False).reduce_range is False  # asked for: kept
     from reslab.checkpoint import CheckpointMeta
 
