@@ -1,4 +1,5 @@
-"""What the three experiments share: which layers they look at, and models by name or by run.
+"""What the experiments share: which layers they look at, models by name or by run, and (for the
+two that train nets: degradation, inception) the training of each net and the errors read from it.
 
 The experiments compare a plain net with the residual net of the same depth (paper section 4.2),
 so every measurement is keyed by model name and ordered from the input side to the output side.
@@ -6,7 +7,10 @@ so every measurement is keyed by model name and ordered from the input side to t
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -79,3 +83,89 @@ def residual_branch_outputs(model: nn.Module) -> list[tuple[str, nn.Module, str]
             last_bn = module.bn3 if hasattr(module, "bn3") else module.bn2
             points.append((name, last_bn, "post"))
     return points
+
+
+# What a training experiment's per-net error fields mean (TrainedNet.errors); each experiment adds its own.
+ERROR_DEFINITIONS = {
+    "best_train_error": "lowest logged training error over the epochs",
+    "train_error_eval": "last epoch's weights on the whole training set, eval mode, no augmentation",
+    "final_val_error": "validation error after the last epoch",
+    "test_error": "test error of the best-validation weights (the trainer's test pass); null without a test split",
+    "seconds": "training time of the net as the trainer measured it",
+}
+
+
+def error(acc: float | None) -> float | None:
+    return None if acc is None else 1.0 - acc
+
+
+def train_error_eval(run_dir: Path, data, precision: str) -> float:
+    """Error of the last epoch's weights on the whole training set, eval mode, no augmentation.
+
+    The logged training error is a running average over an epoch of changing weights in train
+    mode (BN batch statistics, augmentation); this is the same net judged as it would be used.
+    """
+    from reslab.checkpoint import LAST, load_model
+    from reslab.data import BatchLoader
+    from reslab.hardware import resolve_precision
+    from reslab.train.loop import evaluate_sums
+
+    model, _ = load_model(run_dir / LAST)
+    loader = BatchLoader(data.train, 256, shuffle=False, mean=data.mean, std=data.std)
+    _, correct, count = evaluate_sums(model, loader, resolve_precision(precision, "cpu")).tolist()
+    return 1.0 - correct / count
+
+
+@dataclass
+class TrainedNet:
+    """One net an experiment trained: the trainer's summary, its run folder and its logged curves."""
+
+    name: str
+    config: object  # the resolved reslab.train.TrainConfig
+    result: dict
+    run_dir: Path
+    metrics: list[dict]
+    train_errors: list[float]
+    val_errors: list[float | None]
+
+    def errors(self, data) -> dict:
+        """The error fields every training experiment reports (ERROR_DEFINITIONS); `data` is the
+        trainer's own split, for `train_error_eval`."""
+        return {
+            "final_train_error": self.train_errors[-1],
+            "best_train_error": min(self.train_errors),
+            "train_error_eval": train_error_eval(self.run_dir, data, self.config.precision),
+            "final_val_error": self.val_errors[-1],
+            "best_val_error": min((e for e in self.val_errors if e is not None), default=None),
+            "test_error": error(self.result.get("test_acc")),
+            "seconds": self.result["train_seconds"],
+            "run_dir": os.fspath(self.run_dir),
+        }
+
+    def metric_rows(self, *label) -> list[list]:
+        """metrics.csv rows: `label` (the model and what the experiment keys it by), then the epoch's
+        lr, training loss and error, validation loss and error, and seconds."""
+        return [[*label, int(m["epoch"]), m["lr"], m["train_loss"], train_err, m["val_loss"], val_err, m["seconds"]]
+                for m, train_err, val_err in zip(self.metrics, self.train_errors, self.val_errors)]
+
+
+def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None = None) -> Iterator[TrainedNet]:
+    """Train each resolved TrainConfig of `configs` (model name -> config) in turn, reporting
+    `progress(k, n, name)` before each; yields what each run logged."""
+    from reslab.train import train
+    from reslab.train.state import METRICS, read_metrics
+
+    for k, (name, cfg) in enumerate(configs.items()):
+        if progress is not None:
+            progress(k, len(configs), name)
+        result = train(cfg)
+        run_dir = Path(result["run_dir"])
+        metrics = read_metrics(run_dir / METRICS)
+        yield TrainedNet(name, cfg, result, run_dir, metrics, [error(m["train_acc"]) for m in metrics],
+                         [error(m["val_acc"]) for m in metrics])
+
+
+def shared_train_config(configs: dict) -> dict:
+    """The trainer's resolved settings all nets of an experiment share (all but model and out)."""
+    first = next(iter(configs.values()))
+    return {k: v for k, v in first.to_dict().items() if k not in ("model", "out")}

@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reslab.errors import ReslabError
-from reslab.experiments.common import default_image_size, default_out, model_depth
+from reslab.experiments.common import (
+    ERROR_DEFINITIONS,
+    default_image_size,
+    default_out,
+    model_depth,
+    shared_train_config,
+    train_nets,
+)
 from reslab.io import write_csv, write_json
 from reslab.models import get_model_spec
 
@@ -67,33 +74,10 @@ class DegradationConfig:
                            precision=self.precision, out=os.fspath(out / model), quiet=self.quiet)
 
 
-def train_error_eval(run_dir: Path, data, precision: str) -> float:
-    """Error of the last epoch's weights on the whole training set, eval mode, no augmentation.
-
-    The logged training error is a running average over an epoch of changing weights in train
-    mode (BN batch statistics, augmentation); this is the same net judged as it would be used.
-    """
-    from reslab.checkpoint import LAST, load_model
-    from reslab.data import BatchLoader
-    from reslab.hardware import resolve_precision
-    from reslab.train.loop import evaluate_sums
-
-    model, _ = load_model(run_dir / LAST)
-    loader = BatchLoader(data.train, 256, shuffle=False, mean=data.mean, std=data.std)
-    _, correct, count = evaluate_sums(model, loader, resolve_precision(precision, "cpu")).tolist()
-    return 1.0 - correct / count
-
-
-def _error(acc: float | None) -> float | None:
-    return None if acc is None else 1.0 - acc
-
-
 def run_degradation(config: DegradationConfig, progress=None) -> dict:
     """Train every net of `config` into `out/<model>/`; write summary.json, metrics.csv, degradation.png."""
     from reslab import plots
     from reslab.data import load_data
-    from reslab.train import train
-    from reslab.train.state import METRICS, read_metrics
 
     out = Path(config.out) if config.out else default_out("degradation")
     if (out / "summary.json").exists():
@@ -103,47 +87,21 @@ def run_degradation(config: DegradationConfig, progress=None) -> dict:
     data = load_data(config.data, image_size=config.resolved_image_size(), seed=config.seed, quiet=True)
     models, curves, rows = {}, {}, []
     started = time.perf_counter()
-    for k, (name, cfg) in enumerate(train_configs.items()):
-        if progress is not None:
-            progress(k, len(train_configs), name)
-        result = train(cfg)
-        run_dir = Path(result["run_dir"])
-        metrics = read_metrics(run_dir / METRICS)
-        train_errors = [_error(m["train_acc"]) for m in metrics]
-        val_errors = [_error(m["val_acc"]) for m in metrics]
-        depth, residual = model_depth(name), get_model_spec(name).residual
-        models[name] = {
-            "depth": depth,
-            "residual": residual,
-            "final_train_error": train_errors[-1],
-            "best_train_error": min(train_errors),
-            "train_error_eval": train_error_eval(run_dir, data, cfg.precision),
-            "final_val_error": val_errors[-1],
-            "best_val_error": min((e for e in val_errors if e is not None), default=None),
-            "test_error": _error(result.get("test_acc")),
-            "seconds": result["train_seconds"],
-            "run_dir": os.fspath(run_dir),
-        }
-        curves[name] = {"depth": depth, "residual": residual, "epoch": [int(m["epoch"]) for m in metrics],
-                        "train_error": train_errors, "val_error": val_errors}
-        for m, train_err, val_err in zip(metrics, train_errors, val_errors):
-            rows.append([name, depth, int(residual), int(m["epoch"]), m["lr"], m["train_loss"], train_err,
-                         m["val_loss"], val_err, m["seconds"]])
+    for net in train_nets(train_configs, progress):
+        depth, residual = model_depth(net.name), get_model_spec(net.name).residual
+        models[net.name] = {"depth": depth, "residual": residual, **net.errors(data)}
+        curves[net.name] = {"depth": depth, "residual": residual, "epoch": [int(m["epoch"]) for m in net.metrics],
+                            "train_error": net.train_errors, "val_error": net.val_errors}
+        rows += net.metric_rows(net.name, depth, int(residual))
     summary = {
         "experiment": "degradation",
         "models": models,
         "settings": {**asdict(config), "out": os.fspath(out), "image_size": config.resolved_image_size(),
-                     "train_config": {k: v for k, v in train_configs[config.models[0]].to_dict().items()
-                                      if k not in ("model", "out")}},
+                     "train_config": shared_train_config(train_configs)},
         "definitions": {
             "final_train_error": "last epoch's training error as logged: running average over the epoch, "
                                  "train mode (what the paper's Figure 6 plots)",
-            "best_train_error": "lowest logged training error over the epochs",
-            "train_error_eval": "last epoch's weights on the whole training set, eval mode, no augmentation",
-            "final_val_error": "validation error after the last epoch",
-            "test_error": "test error of the best-validation weights (the trainer's test pass); null without a "
-                          "test split",
-            "seconds": "training time of the net as the trainer measured it",
+            **ERROR_DEFINITIONS,
         },
         "seconds": round(time.perf_counter() - started, 1),
     }

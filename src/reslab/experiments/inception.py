@@ -22,8 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reslab.errors import ReslabError
-from reslab.experiments.common import check_model_names, default_out
-from reslab.experiments.degradation import train_error_eval
+from reslab.experiments.common import (
+    ERROR_DEFINITIONS,
+    check_model_names,
+    default_out,
+    shared_train_config,
+    train_nets,
+)
 from reslab.io import write_csv, write_json
 from reslab.models import get_model_spec
 
@@ -96,10 +101,6 @@ def plain_twin(name: str) -> str | None:
     return None
 
 
-def _error(acc: float | None) -> float | None:
-    return None if acc is None else 1.0 - acc
-
-
 def _first_epoch_at_or_below(errors: list[float], target: float) -> int | None:
     return next((epoch for epoch, e in enumerate(errors, 1) if e <= target), None)
 
@@ -110,8 +111,6 @@ def run_inception(config: InceptionConfig, progress=None) -> dict:
     from reslab.checkpoint import LAST, load_model
     from reslab.data import load_data
     from reslab.models import complexity
-    from reslab.train import train
-    from reslab.train.state import METRICS, read_metrics
 
     out = Path(config.out) if config.out else default_out("inception")
     if (out / "summary.json").exists():
@@ -122,19 +121,13 @@ def run_inception(config: InceptionConfig, progress=None) -> dict:
     data = load_data(config.data, image_size=size, seed=config.seed, quiet=True)
     models, curves, rows, precisions = {}, {}, [], set()
     started = time.perf_counter()
-    for k, (name, cfg) in enumerate(train_configs.items()):
-        if progress is not None:
-            progress(k, len(train_configs), name)
-        result = train(cfg)
-        run_dir = Path(result["run_dir"])
-        metrics = read_metrics(run_dir / METRICS)
-        train_errors = [_error(m["train_acc"]) for m in metrics]
-        val_errors = [_error(m["val_acc"]) for m in metrics]
-        epoch_seconds = [m["seconds"] for m in metrics]
+    for net in train_nets(train_configs, progress):
+        name, train_errors = net.name, net.train_errors
+        epoch_seconds = [m["seconds"] for m in net.metrics]
         spec = get_model_spec(name)
-        measured = complexity(load_model(run_dir / LAST)[0], (data.in_channels, size, size))
+        measured = complexity(load_model(net.run_dir / LAST)[0], (data.in_channels, size, size))
         target_epoch = _first_epoch_at_or_below(train_errors, config.target_train_error)
-        precisions.add(result.get("precision"))
+        precisions.add(net.result.get("precision"))
         models[name] = {
             "model": name,
             "family": spec.family,
@@ -143,27 +136,18 @@ def run_inception(config: InceptionConfig, progress=None) -> dict:
             "depth": spec.depth,
             "params": measured["params"],
             "macs": measured["macs"],
-            "final_train_error": train_errors[-1],
-            "best_train_error": min(train_errors),
+            **net.errors(data),
             "mean_train_error": sum(train_errors) / len(train_errors),
             "epochs_to_target": target_epoch,
             "seconds_to_target": None if target_epoch is None else sum(epoch_seconds[:target_epoch]),
-            "train_error_eval": train_error_eval(run_dir, data, cfg.precision),
-            "final_val_error": val_errors[-1],
-            "best_val_error": min((e for e in val_errors if e is not None), default=None),
-            "test_error": _error(result.get("test_acc")),
             "seconds_per_epoch": statistics.median(epoch_seconds),
-            "seconds": result["train_seconds"],
-            "precision": result.get("precision"),
-            "run_dir": os.fspath(run_dir),
+            "precision": net.result.get("precision"),
         }
         curves[name] = {"residual": spec.residual, "plain_twin": plain_twin(name), "params": measured["params"],
-                        "epoch": [int(m["epoch"]) for m in metrics], "train_error": train_errors,
-                        "train_loss": [m["train_loss"] for m in metrics],
+                        "epoch": [int(m["epoch"]) for m in net.metrics], "train_error": train_errors,
+                        "train_loss": [m["train_loss"] for m in net.metrics],
                         "seconds": [sum(epoch_seconds[: i + 1]) for i in range(len(epoch_seconds))]}
-        for m, train_err, val_err in zip(metrics, train_errors, val_errors):
-            rows.append([name, spec.family, int(spec.residual), int(m["epoch"]), m["lr"], m["train_loss"], train_err,
-                         m["val_loss"], val_err, m["seconds"]])
+        rows += net.metric_rows(name, spec.family, int(spec.residual))
     pairs = [{"plain": models[name]["plain_twin"], "residual": name,
               **{f"{key}_gap": models[models[name]["plain_twin"]][key] - models[name][key]
                  for key in ("final_train_error", "mean_train_error")}}
@@ -174,25 +158,19 @@ def run_inception(config: InceptionConfig, progress=None) -> dict:
         "pairs": pairs,
         "settings": {**asdict(config), "out": os.fspath(out), "image_size": size,
                      "precision_resolved": precisions.pop() if len(precisions) == 1 else sorted(map(str, precisions)),
-                     "train_config": {k: v for k, v in train_configs[config.models[0]].to_dict().items()
-                                      if k not in ("model", "out")}},
+                     "train_config": shared_train_config(train_configs)},
         "definitions": {
             "final_train_error": "last epoch's training error as logged: running average over the epoch, "
                                  "train mode (as the degradation experiment and the paper's Figure 6)",
-            "best_train_error": "lowest logged training error over the epochs",
+            **ERROR_DEFINITIONS,
             "mean_train_error": "mean of the logged training errors over the epochs: the area under the "
                                 "training curve per epoch; lower means the net trained faster",
             "epochs_to_target": "first epoch whose logged training error is at most settings.target_train_error; "
                                 "null if none",
             "seconds_to_target": "training seconds up to the end of that epoch",
-            "train_error_eval": "last epoch's weights on the whole training set, eval mode, no augmentation",
-            "final_val_error": "validation error after the last epoch",
-            "test_error": "test error of the best-validation weights (the trainer's test pass); null without a "
-                          "test split",
             "params": "parameters of the trained net (its input channels and classes)",
             "macs": "multiply-accumulates of one forward pass at settings.image_size",
             "seconds_per_epoch": "median over the epochs of the training steps' wall time",
-            "seconds": "training time of the net as the trainer measured it",
             "pairs": "each residual net beside its plain twin (the same net without shortcuts); a gap is "
                      "the plain net's value minus the residual net's",
         },
