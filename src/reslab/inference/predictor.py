@@ -52,6 +52,12 @@ def check_tta(tta: str) -> str:
     return tta
 
 
+def flip_probabilities(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation "flip": the mean of the class probabilities `forward` (logits) gives
+    the images and their mirror images (a photo's class does not change left to right)."""
+    return (torch.softmax(forward(batch).float(), dim=1) + torch.softmax(forward(batch.flip(-1)).float(), dim=1)) / 2
+
+
 def resolve_tta(tta: str | None, meta: CheckpointMeta) -> str:
     """The test-time augmentation to use: the one asked for, else the one the checkpoint's training
     found paying on its validation split (`extra["tta"]`), else none."""
@@ -210,12 +216,10 @@ class Predictor:
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of a uint8 batch; with test-time augmentation `flip`, the mean of the
-        image's and its mirror image's (a photo's class does not change left to right)."""
-        probabilities = torch.softmax(self.logits(batch), dim=1)
+        """Class probabilities of a uint8 batch; with test-time augmentation `flip`, flip_probabilities."""
         if self.tta == "flip":
-            probabilities = (probabilities + torch.softmax(self.logits(batch.flip(-1)), dim=1)) / 2
-        return probabilities
+            return flip_probabilities(self.logits, batch)
+        return torch.softmax(self.logits(batch), dim=1)
 
     def top(self, probabilities: torch.Tensor, top_k: int | None = None) -> list[list[tuple[str, float]]]:
         """The top-k (class name, probability) of each row of an N x num_classes probability batch,

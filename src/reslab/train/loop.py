@@ -472,16 +472,17 @@ def _finish(run: Run, started: float) -> dict:
 
 
 class _FlipAveraged(nn.Module):
-    """`model` with test-time augmentation "flip": the log of the mean of the image's and its mirror
-    image's class probabilities (what reslab.inference.Predictor computes for --tta flip)."""
+    """`model` with test-time augmentation "flip", as log-probabilities: the log of what
+    reslab.inference.Predictor computes for --tta flip (its flip_probabilities)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(self.model(x).float(), 1) + torch.softmax(self.model(x.flip(-1)).float(), 1)
-        return torch.log(probabilities / 2)
+        from reslab.inference.predictor import flip_probabilities
+
+        return torch.log(flip_probabilities(self.model, x))
 
 
 def _flips(run: Run) -> bool:
@@ -604,6 +605,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
 
 def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
     """What the photo-folder defaults chose for a new run, and why (nothing when none applied)."""
+    from reslab.data.folder import photo_choice
     from reslab.train.config import photo_defaults
 
     if given.resume:
@@ -622,8 +624,6 @@ def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
     parts += [f"--augment {cfg.augment}"] if "augment" in chosen else []
     parts += [f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in ("random_erasing", "mixup", "cutmix", "ema")
               if k in chosen]
-    from reslab.data.folder import photo_choice
-
     why = photo_choice(given.data)[1]
     return [f"photo folder from scratch ({why}): {', '.join(parts)}: what learned best within a time budget on "
             "2 CPU cores (README, \"Train on your own photos\"); the options of the same names override them"]
