@@ -8,7 +8,7 @@ EXTRAS ?= all,test
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint clean
+.PHONY: setup train test lint notebooks clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The course notebooks, executed in a fresh kernel of the venv with their outputs written back
+# (a few minutes each on 2 cores); `make test` runs copies of them on small data.
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/run_notebooks.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

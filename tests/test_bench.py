@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -70,8 +71,9 @@ def test_bench_json_for_int8_has_the_quantization_and_the_peak(capsys):
         assert key in result, key
     assert result["precision"] == "int8" and result["backend"] in ("onnxruntime", "openvino")
     quantization = result["quantization"]
-    assert quantization["reduce_range"] == Int8Settings.for_this_cpu().reduce_range  # decided from the CPU flags
-    assert [quantization[k] for k in ("per_channel", "activations", "weights")] == [True, "uint8", "int8"]
+    expected = Int8Settings.for_this_cpu()  # decided from the CPU flags: per tensor where reduce_range is on
+    assert (quantization["reduce_range"], quantization["per_channel"]) == (expected.reduce_range, expected.per_channel)
+    assert [quantization[k] for k in ("activations", "weights")] == ["uint8", "int8"]
     assert quantization["calibration_data"] == "digits" and quantization["calibration_images"] > 0
     # Read against the machine's own int8 matrix-product rate on the same thread.
     assert result["peak_precision"] == "int8" and result["peak_gflops_per_second"] > 0
@@ -96,3 +98,55 @@ def test_compare_rows_follow_the_hardware(monkeypatch, bf16, int8):
     int8_rows = {(b, "int8") for b in INT8_PREFERENCE if b in installed}
     assert (bf16_rows <= ran) if bf16 else not {r for r in ran if r[1] == "bf16"}
     assert (int8_rows <= ran) if int8 else not {r for r in ran if r[1] == "int8"}
+
+
+def test_compare_has_openvinos_plain_compile_at_each_of_its_float_precisions(monkeypatch):
+    from reslab.inference import installed_backends
+
+    if "openvino" not in installed_backends():
+        pytest.skip("openvino not installed")
+    for bf16 in (False, True):
+        monkeypatch.setenv("RESLAB_CPU_BF16", "1" if bf16 else "0")
+        rows = [p.resolve() for p in peers(BenchConfig(model="resnet20", mode="infer", image_size=8))]
+        plain = [r for r in rows if r.plain_openvino]
+        assert sorted(r.precision for r in plain) == (["bf16", "fp32"] if bf16 else ["fp32"])
+        assert all(r.backend == "openvino" and not r.textbook for r in plain)
+        # reslab's own OpenVINO row at the same precision is there to read against it
+        assert {r.precision for r in plain} <= {r.precision for r in rows
+                                                if r.backend == "openvino" and not r.plain_openvino}
+
+
+@pytest.mark.parametrize("batch_size", [1, 6])
+def test_plain_openvino_peer_agrees_with_torch_and_states_its_hint(batch_size):
+    pytest.importorskip("openvino")
+    import torch
+
+    from reslab.bench import _model, plain_openvino_step
+
+    cfg = BenchConfig(model="resnet20", mode="infer", batch_size=batch_size, image_size=32, precision="fp32",
+                      threads=2, plain_openvino=True).resolve()
+    model = _model(cfg).eval()
+    x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    step, settings = plain_openvino_step(cfg, model, x)
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.as_tensor(step())
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4
+    assert settings["openvino_hint"] == ("LATENCY" if batch_size == 1 else "THROUGHPUT")
+    assert settings["openvino_inference_precision"] == "f32" and not settings["bn_folded"]
+
+
+def test_bench_json_names_the_plain_peer_and_reslabs_openvino_settings():
+    pytest.importorskip("openvino")
+    base = BenchConfig(model="resnet20", mode="infer", batch_size=4, image_size=8, precision="fp32",
+                       backend="openvino", seconds=0.2, warmup=1, threads=2)
+    plain = run_bench(dataclasses.replace(base, plain_openvino=True))
+    assert (plain["name"], plain["backend"]) == ("openvino-plain fp32", "openvino-plain")
+    for batch_size, hint in [(4, "THROUGHPUT"), (1, "LATENCY")]:
+        result = run_bench(dataclasses.replace(base, batch_size=batch_size))
+        assert result["backend"] == "openvino" and result["openvino_hint"] == hint
+
+
+def test_plain_openvino_peer_refuses_what_it_is_not():
+    with pytest.raises(ReslabError, match="plain OpenVINO peer"):
+        BenchConfig(mode="infer", precision="int8", plain_openvino=True).resolve()

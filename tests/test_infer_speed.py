@@ -215,3 +215,59 @@ def test_library_callers_are_checked_by_the_predictor(checkpoint):
     assert [len(row) for row in predictor.top(predictor.probabilities(images), 9)] == [3, 3]  # 3 classes
     with pytest.raises(ReslabError, match="got -1"):
         predictor.top(predictor.probabilities(images), -1)
+
+
+@pytest.fixture
+def openvino_file(tmp_path):
+    if "openvino" not in installed_backends():
+        pytest.skip("openvino not installed")
+    from reslab.inference.export import export_openvino
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(create_model("resnet20", num_classes=3))
+    meta = CheckpointMeta(model="resnet20", classes=["cat", "dog", "owl"],
+                          preprocessing={"image_size": 32, "in_channels": 3})
+    return model, export_openvino(model, meta, tmp_path / "m.xml")
+
+
+def test_openvino_runner_compiles_each_batch_size_with_its_settings(openvino_file):
+    """One image: LATENCY on one request; a batch: THROUGHPUT, cut across the streams' requests, all of
+    them used (a single request on a THROUGHPUT compile would run one stream). Read back from what
+    OpenVINO compiled and ran, so a setting it silently dropped fails here."""
+    import os
+
+    from reslab.inference import OpenVinoRunner, openvino_settings
+
+    model, path = openvino_file
+    runner = OpenVinoRunner(path, precision="fp32", threads=2)
+    for batch_size in (1, 8):
+        x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(batch_size))
+        with torch.no_grad():
+            expected = model(x)
+        assert (runner(x) - expected).abs().max() < 1e-4
+        compiled, requests = runner.compiled(batch_size)
+        hint = "LATENCY" if batch_size == 1 else "THROUGHPUT"
+        assert openvino_settings(batch_size, 2)["PERFORMANCE_HINT"] == hint
+        assert str(compiled.get_property("PERFORMANCE_HINT")) == hint
+        assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 2
+        if batch_size == 1:
+            assert int(compiled.get_property("NUM_STREAMS")) == 1 and len(requests) == 1
+        elif (os.cpu_count() or 1) >= 2:
+            assert int(compiled.get_property("NUM_STREAMS")) == len(requests) == 2
+            assert [r.get_output_tensor(0).shape[0] for r in requests] == [4, 4]  # the batch was split
+    # Compiled once per distinct setting: batch sizes sharing a hint share the compile.
+    assert runner.compiled(8) is runner.compiled(16) and runner.compiled(1) is not runner.compiled(8)
+    assert len(runner._compiled) == 2
+    # A forced hint holds at every batch size, and threads are part of what is compiled.
+    forced = OpenVinoRunner(path, precision="fp32", threads=1, hint="LATENCY")
+    compiled, requests = forced.compiled(8)
+    assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY" and len(requests) == 1
+    assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+
+
+def test_openvino_settings_never_ask_for_more_streams_than_images():
+    from reslab.inference import openvino_settings
+
+    assert openvino_settings(1, 16) == {"PERFORMANCE_HINT": "LATENCY"}
+    assert openvino_settings(2, 16)["PERFORMANCE_HINT_NUM_REQUESTS"] == 2
+    assert openvino_settings(32, 2)["PERFORMANCE_HINT_NUM_REQUESTS"] == 2

@@ -20,7 +20,7 @@ from reslab.train.state import load_state
 from test_train import make_folder, tiny_config
 
 # Every ingredient on at once (the exact-resume tests run with all of them).
-ALL_ON = dict(augment="trivial", random_erasing=0.5, mixup=0.4, cutmix=1.0, ema=0.9)
+ALL_ON = dict(augment="trivial", flip=True, random_erasing=0.5, mixup=0.4, cutmix=1.0, ema=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,14 @@ def folder(tmp_path_factory):
 
 class FakeClock:
     """Time that passes only as the trainer works: STEP seconds per training step, EVAL per
-    evaluation pass, nothing for anything else (loading, files)."""
+    evaluation pass (3 for the test-time flip measurement: the images, then them and their mirror),
+    nothing for anything else (loading, files)."""
 
     STEP, EVAL = 1.0, 0.25
 
     def __init__(self, monkeypatch):
         self.now = 0.0
-        make_step, evaluate_sums = train_loop.make_step, train_loop.evaluate_sums
+        make_step, evaluate_sums, flip_sums = train_loop.make_step, train_loop.evaluate_sums, train_loop.flip_sums
 
         def timed_make_step(*args, **kwargs):
             step = make_step(*args, **kwargs)
@@ -51,7 +52,12 @@ class FakeClock:
             self.now += self.EVAL
             return evaluate_sums(*args, **kwargs)
 
+        def timed_flip_sums(*args, **kwargs):
+            self.now += 3 * self.EVAL
+            return flip_sums(*args, **kwargs)
+
         monkeypatch.setattr(train_loop, "clock", lambda: self.now)
+        monkeypatch.setattr(train_loop, "flip_sums", timed_flip_sums)
         monkeypatch.setattr(train_loop, "make_step", timed_make_step)
         monkeypatch.setattr(train_loop, "evaluate_sums", timed_evaluate_sums)
 
@@ -119,12 +125,12 @@ def test_cli_end_line_says_how_the_budget_was_spent(folder, tmp_path, monkeypatc
     FakeClock(monkeypatch)
     args = ["train", "--data", str(folder), "--model", "resnet8", "--image-size", "16", "--batch-size", "8",
             "--val-split", "0.25", "--data-dir", str(folder.parent / "cache"), "--out", str(tmp_path / "run"),
-            "--budget", "30s", "--quiet"]
+            "--budget", "30s", "--flip", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    # (30 - 5.5 - 0.75) // 4.25 = 5 epochs; the end measures flipping on the validation split (planned as
-    # 3 passes; this clock charges 2): 5.5 + 5 x 4.25 + 0.5 = 27.25 s of the 30.
-    assert out[-1].startswith("used 27.2s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
+    # (30 - 5.5 - 0.75) // 4.25 = 5 epochs; the end measures flipping on the validation split (3
+    # passes): 5.5 + 5 x 4.25 + 0.75 = 27.5 s of the 30.
+    assert out[-1].startswith("used 27.5s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
                               "4.2s each with evaluation and checkpoint, and 0.8s for the final evaluations"), out[-1]
 
 
@@ -154,15 +160,19 @@ def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):
 
 
 def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
-    from reslab.data.folder import PHOTO_DEFAULTS, SMALL_PHOTO_MODEL
+    from reslab.data.folder import PHOTO_DEFAULTS, SMALL_IMAGE_RECIPE, SMALL_PHOTO_MODEL
 
     photos = make_folder(folder.parent / "photos", per_class=4, size=64)  # photos: resnet18 at 112 px
     photo = TrainConfig(data=str(photos)).resolve()
     for key, value in PHOTO_DEFAULTS.items():
         assert getattr(photo, key) == value, key
-    small = TrainConfig(data=str(folder)).resolve()  # 16 px images: the CIFAR net at its own size
-    assert (small.model, small.stem, small.image_size, small.augment) == (
-        *SMALL_PHOTO_MODEL.values(), PHOTO_DEFAULTS["augment"])
+    small = TrainConfig(data=str(folder)).resolve()  # 16 px colour images: the CIFAR net at its own size
+    assert (small.model, small.stem, small.image_size, small.augment, small.flip, small.lr) == (
+        *SMALL_PHOTO_MODEL.values(), PHOTO_DEFAULTS["augment"], None, PHOTO_DEFAULTS["lr"])
+    gray = make_folder(folder.parent / "gray", per_class=4, size=16, gray=True)  # digits' kind: no mirror
+    small = TrainConfig(data=str(gray)).resolve()
+    assert (small.model, small.stem, small.image_size, small.augment, small.flip, small.lr) == (
+        *SMALL_PHOTO_MODEL.values(), *SMALL_IMAGE_RECIPE.values(), TrainConfig().resolve().lr)
     # An explicit --model keeps its own stem and native input; --image-size or --augment win alone.
     assert TrainConfig(data=str(folder), model="resnet20").resolve().image_size is None
     explicit = TrainConfig(data=str(photos), image_size=64, augment="folder", ema=0.0).resolve()
@@ -184,7 +194,7 @@ def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
 def test_photo_defaults_follow_the_folders_image_size_and_count(monkeypatch, count, side, expected):
     from reslab.data import folder as folder_module
 
-    monkeypatch.setattr(folder_module, "folder_facts", lambda spec: (count, side))
+    monkeypatch.setattr(folder_module, "folder_facts", lambda spec: (count, side, False))
     chosen, why = folder_module.photo_choice("anything")
     assert (chosen["model"], chosen["image_size"], chosen["epochs"]) == expected
     assert why.startswith(f"{count:,} images of about {side} px")
@@ -193,23 +203,23 @@ def test_photo_defaults_follow_the_folders_image_size_and_count(monkeypatch, cou
 def test_folder_facts_reads_headers_and_counts_images(folder):
     from reslab.data.folder import folder_facts
 
-    assert folder_facts(str(folder)) == (36, 16)
+    assert folder_facts(str(folder)) == (36, 16, False)
+    assert folder_facts(str(make_folder(folder.parent / "gray16", per_class=2, gray=True))) == (6, 16, True)
 
 
 def test_photo_defaults_are_printed_with_the_reason(folder, tmp_path, capsys):
     from reslab.cli import main
 
-    args = ["train", "--data", str(folder), "--model", "resnet8", "--image-size", "16", "--epochs", "1",
-            "--batch-size", "8", "--val-split", "0.25", "--data-dir", str(folder.parent / "cache"),
+    gray = make_folder(tmp_path / "gray", gray=True)
+    args = ["train", "--data", str(gray), "--model", "resnet8", "--image-size", "16", "--epochs", "1",
+            "--batch-size", "8", "--val-split", "0.25", "--data-dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "run")]
     assert main(args) == 0
     err = capsys.readouterr().err
-    from reslab.data.folder import PHOTO_DEFAULTS
-
-    assert (f"photo folder from scratch (36 images of about 16 px: small images take the CIFAR net at 32 px): "
-            f"--lr {PHOTO_DEFAULTS['lr']:g}, --augment {PHOTO_DEFAULTS['augment']}") in err
+    assert ("photo folder from scratch (36 images of about 16 px: small gray images take the CIFAR net at 32 px, "
+            "the recipe's lr, the folder policy and no mirror): --augment folder, --no-flip") in err
     assert "override" in err
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == PHOTO_DEFAULTS["augment"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == "folder"
 
 
 # --- each ingredient acts and is recorded --------------------------------------------------------
@@ -260,11 +270,12 @@ def test_training_measures_test_time_flipping_on_validation_and_records_what_pay
     from reslab.inference.predictor import Predictor
 
     run = tmp_path / "run"
-    summary = train(tiny_config(folder, run, epochs=2, augment="folder", precision="fp32"))
-    accs = summary["tta_val_acc"]
-    assert summary["tta"] == ("flip" if accs["flip"] > accs["none"] else "none")
+    summary = train(tiny_config(folder, run, epochs=2, augment="folder", flip=True, precision="fp32"))
+    accs, (gained, lost) = summary["tta_val_acc"], summary["tta_gained_lost"]
+    assert summary["tta"] == ("flip" if train_loop.choose_tta(gained, lost) else "none")
     _, meta = load_model(run)
     assert meta.extra["tta"] == summary["tta"] and meta.extra["tta_val_acc"] == accs
+    assert accs["flip"] - accs["none"] == pytest.approx((gained - lost) / 9)  # 9 validation images
     # The accuracies are the best weights' on the validation split, without and with the mirror image.
     assert accs["none"] == summary["best_val_acc"]
     val = load_data(str(folder), image_size=16, val_split=0.25, data_dir=str(folder.parent / "cache"), quiet=True).val

@@ -27,8 +27,9 @@ from reslab.train.state import METRIC_COLUMNS, load_state
 CLASSES = ("circle", "square", "stripes")
 
 
-def make_folder(root: Path, per_class: int = 12, size: int = 16, seed: int = 0) -> Path:
-    """3 easily told-apart classes of small noisy RGB images, as PNG files in class subfolders."""
+def make_folder(root: Path, per_class: int = 12, size: int = 16, seed: int = 0, gray: bool = False) -> Path:
+    """3 easily told-apart classes of small noisy RGB images (or, with `gray`, one-channel images as
+    MNIST's), as PNG files in class subfolders."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     shapes = {
@@ -41,7 +42,8 @@ def make_folder(root: Path, per_class: int = 12, size: int = 16, seed: int = 0) 
         for i in range(per_class):
             pixels = rng.integers(0, 60, (size, size, 3))
             pixels[mask] += 150 + rng.integers(0, 40)
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / c / f"{i}.png")
+            image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+            (image.convert("L") if gray else image).save(root / c / f"{i}.png")
     return root
 
 
@@ -83,7 +85,8 @@ def test_short_run_writes_every_file_consistently(folder, tmp_path):
     config = json.loads((run / "config.json").read_text())
     from reslab.data.folder import PHOTO_DEFAULTS
 
-    # The recipe resolved, with the photo-folder lr (a folder trained from scratch).
+    # The recipe resolved, with the photo-folder lr (a folder of colour images trained from scratch;
+    # small gray ones take the recipe's own: reslab.data.folder.photo_choice).
     assert config["config"]["lr"] == PHOTO_DEFAULTS["lr"] and config["config"]["schedule"] == "onecycle"
     assert config["precision"] == "fp32" or config["hardware"]["cpu_bf16_native"]
     assert config["classes"] == list(CLASSES) and config["data"]["sizes"]["val"] == 9

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class BenchConfig:
     num_classes: int | None = None  # None: the model's default (10 for 32 px nets, 1000 for ImageNet ones)
     device: str = "cpu"
     textbook: bool = False  # the peer every repository runs: fp32, NCHW, eager, no folding, per-step syncs
+    plain_openvino: bool = False  # the peer an OpenVINO user compiles (plain_openvino_step); inference only
 
     def resolve(self) -> BenchConfig:
         from reslab.hardware import resolve_precision
@@ -90,6 +92,10 @@ class BenchConfig:
         if cfg.textbook:
             cfg.precision, cfg.backend, cfg.compile, cfg.channels_last = "fp32", "torch", False, False
         device = cfg.torch_device
+        if cfg.plain_openvino:
+            if cfg.mode != "infer" or cfg.precision == "int8":
+                raise ReslabError("the plain OpenVINO peer is an fp32 or bf16 inference row")
+            cfg.backend, cfg.compile, cfg.channels_last = resolve_backend("openvino", device), False, None
         if cfg.precision == "int8":
             if cfg.mode == "train":
                 raise ReslabError("int8 is an inference precision; train with --precision fp32, bf16 or auto")
@@ -157,6 +163,8 @@ def infer_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> tuple[Cal
                 return model(x)
 
         return textbook, {"channels_last": False, "bn_folded": False}
+    if cfg.plain_openvino:
+        return plain_openvino_step(cfg, model, x)
     from reslab.inference.predictor import Predictor
 
     calibration = _calibration_images(cfg) if cfg.precision == "int8" else None
@@ -165,6 +173,10 @@ def infer_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> tuple[Cal
     runner = predictor.runner
     x = x.to(device) if cfg.backend == "torch" else x
     settings = {"bn_folded": True, "channels_last": getattr(runner, "channels_last", None)}
+    if cfg.backend == "openvino":  # what OpenVINO was compiled with for this batch size
+        compiled, requests = runner.compiled(len(x))
+        settings.update(openvino_hint=str(compiled.get_property("PERFORMANCE_HINT")), openvino_requests=len(requests),
+                        openvino_streams=int(compiled.get_property("NUM_STREAMS")))
     if hasattr(runner, "inference_precision") and cfg.precision != "int8":  # what OpenVINO really runs
         settings["openvino_inference_precision"] = runner.inference_precision
     if cfg.precision == "int8":
@@ -173,6 +185,49 @@ def infer_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> tuple[Cal
         settings["quantization"] = {**Int8Settings.for_this_cpu().to_dict(), "calibration_images": len(calibration),
                                     "calibration_data": "digits"}
     return (lambda: runner(x)), settings
+
+
+def plain_openvino_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> tuple[Callable[[], object], dict]:
+    """What a user of OpenVINO types for this network, after OpenVINO's own guides: `ov.convert_model`
+    of the PyTorch module (BatchNorm unfolded; OpenVINO fuses it itself) with an example input, compiled
+    for the CPU with the LATENCY hint for one image and the THROUGHPUT hint for a batch, the row's
+    INFERENCE_PRECISION_HINT (f32 stated, since OpenVINO's CPU default is bf16 where the CPU has it)
+    and the bench's threads. A batch is submitted as OpenVINO's throughput guide does it: an
+    AsyncInferQueue of the compiled model's optimal number of requests, one slice of the batch each
+    (one synchronous call on a THROUGHPUT compile would run on one stream only)."""
+    import numpy as np
+    import openvino as ov
+
+    threads = cfg.threads or torch.get_num_threads()
+    hint = "LATENCY" if cfg.batch_size == 1 else "THROUGHPUT"
+    with warnings.catch_warnings():  # the PyTorch frontend traces with torch.jit, whose deprecation is noise here
+        warnings.simplefilter("ignore")
+        converted = ov.convert_model(model.cpu().float().eval(), example_input=x[:1])
+    compiled = ov.Core().compile_model(converted, "CPU", {
+        "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": "bf16" if cfg.precision == "bf16" else "f32"})
+    array = x.numpy()
+    jobs = min(int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")), len(array))
+    if jobs == 1:
+        def step():
+            return compiled(array)[0]
+    else:
+        queue = ov.AsyncInferQueue(compiled, jobs)
+        bounds = np.linspace(0, len(array), jobs + 1).round().astype(int)
+        outputs = [None] * jobs
+        queue.set_callback(lambda request, i: outputs.__setitem__(i, request.get_output_tensor(0).data.copy()))
+
+        def step():
+            for i in range(jobs):
+                queue.start_async({0: array[bounds[i]:bounds[i + 1]]}, i)
+            queue.wait_all()
+            return np.concatenate(outputs)
+
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return step, {"bn_folded": False, "channels_last": None, "openvino_hint": hint, "openvino_requests": jobs,
+                  "openvino_streams": int(compiled.get_property("NUM_STREAMS")),
+                  "openvino_inference_precision": precision.to_string() if hasattr(precision, "to_string")
+                  else str(precision)}
 
 
 def _calibration_images(cfg: BenchConfig) -> torch.Tensor:
@@ -400,7 +455,7 @@ def run_bench(config: BenchConfig) -> dict:
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
         "precision": cfg.precision,
-        "backend": cfg.backend,
+        "backend": "openvino-plain" if cfg.plain_openvino else cfg.backend,
         "images_per_second": images_per_second,
         "ms_per_batch": 1000 * total / len(times),
         "ms_per_batch_median": 1000 * sorted(times)[len(times) // 2],
@@ -424,6 +479,8 @@ def run_bench(config: BenchConfig) -> dict:
 def label(cfg: BenchConfig) -> str:
     if cfg.textbook:
         return "textbook torch fp32 NCHW eager"
+    if cfg.plain_openvino:
+        return f"openvino-plain {cfg.precision}"
     name = f"reslab {cfg.backend} {cfg.precision}"
     return name + " compiled" if cfg.compile else name
 
@@ -431,7 +488,8 @@ def label(cfg: BenchConfig) -> str:
 def peers(config: BenchConfig) -> list[BenchConfig]:
     """What `--compare` runs: the textbook loop first (the ratios' base), then reslab's path as asked,
     then (inference) every installed backend in fp32, in bf16 where the hardware multiplies it natively,
-    and the exported runtimes in int8 where the CPU has int8 dot products."""
+    the exported runtimes in int8 where the CPU has int8 dot products, and OpenVINO's plain compile
+    (plain_openvino_step) at each of its fp32 and bf16 precisions."""
     from reslab.hardware import bf16_is_fast
     from reslab.inference.backends import INT8_PREFERENCE, installed_backends
     from reslab.inference.quantize import int8_is_fast
@@ -445,8 +503,13 @@ def peers(config: BenchConfig) -> list[BenchConfig]:
             wanted += [(backend, "bf16") for backend in ("torch", "openvino") if backend in installed]
         if device.type == "cpu" and int8_is_fast():
             wanted += [(backend, "int8") for backend in INT8_PREFERENCE if backend in installed]
+        if "openvino" in installed:
+            wanted += [("plain", precision) for backend, precision in wanted
+                       if backend == "openvino" and precision != "int8"]
         for backend, precision in wanted:
-            peer = dataclasses.replace(config, backend=backend, precision=precision, compile=False)
+            plain = backend == "plain"
+            peer = dataclasses.replace(config, backend="openvino" if plain else backend, precision=precision,
+                                       compile=False, plain_openvino=plain)
             if peer.resolve() not in [r.resolve() for r in rows]:
                 rows.append(peer)
     return rows

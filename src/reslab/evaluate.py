@@ -1,4 +1,5 @@
-"""Evaluation: a checkpoint on a data split -> top-1, top-5, per-class precision/recall, figures.
+"""Evaluation: a checkpoint on a data split -> top-1, top-5, per-class precision/recall/F1, balanced
+accuracy, the top losses and every mistake by file, figures.
 
 The data is re-read with the checkpoint's own preprocessing (image size, channels, mean/std), and
 through `reslab.inference.Predictor`, the same door `reslab predict` uses, so the two agree.
@@ -7,6 +8,7 @@ through `reslab.inference.Predictor`, the same door `reslab predict` uses, so th
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +19,9 @@ from reslab.checkpoint import resolve
 from reslab.errors import ReslabError
 from reslab.io import write_json
 
-EVAL_JSON, CONFUSION_PNG, SAMPLES_PNG = "eval.json", "confusion.png", "samples.png"
+EVAL_JSON, CONFUSION_PNG, SAMPLES_PNG, TOP_LOSSES_PNG = "eval.json", "confusion.png", "samples.png", "top_losses.png"
 SAMPLE_COUNT, SAMPLE_WRONG = 32, 8  # the grid shows up to 32 images, up to 8 of them mistakes
+TOP_LOSSES = 16  # `--top-losses` where the images have files (image folders)
 
 
 @dataclass
@@ -26,6 +29,7 @@ class EvalSet:
     images: torch.Tensor  # uint8 N x C x H x W
     labels: torch.Tensor  # int64, indices into the checkpoint's classes
     split: str  # "test", "val", "train" or "all" (a folder of class subfolders, evaluated whole)
+    paths: list[str] | None = None  # each image's file (image folders); None for digits and CIFAR
 
 
 def _is_split_folder(path: Path) -> bool:
@@ -84,7 +88,7 @@ def load_eval_set(data: str, meta, split: str | None = None, *, data_dir: str | 
     if resize_size != size:
         top, left = (images.shape[2] - size) // 2, (images.shape[3] - size) // 2
         images = images[:, :, top:top + size, left:left + size].contiguous()
-    return EvalSet(images, to_ckpt[part.labels], name)
+    return EvalSet(images, to_ckpt[part.labels], name, part.paths)
 
 
 def _plain(name: str) -> str:
@@ -121,7 +125,8 @@ MAX_SHOWN_CLASSES = 50
 
 
 def metrics(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """top1, top5 (top-min(5, classes)), n, per_class precision/recall/support, confusion, loss."""
+    """top1, top5 (top-min(5, classes)), n, per_class precision/recall/f1/support, average (macro and
+    weighted), balanced_accuracy, macro_f1, confusion, loss."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     n, num_classes = probabilities.shape
@@ -138,7 +143,7 @@ def metrics(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str
     k = min(5, num_classes)
     top5 = (probabilities.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
     ids = list(range(num_classes))
-    precision, recall, _, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     picked = probabilities[torch.arange(n), labels].clamp_min(1e-12)
     return {
         "top1": float((y_true == y_pred).mean()) if n else None,
@@ -147,11 +152,50 @@ def metrics(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str
         "loss": float(-picked.log().mean()) if n else None,
         "per_class": {
             c: {"precision": float(precision[i]), "recall": float(recall[i]), "accuracy": float(recall[i]),
-                "support": int(support[i])}
+                "f1": float(f1[i]), "support": int(support[i])}
             for i, c in enumerate(classes)
         },
+        **_averages(y_true, y_pred, present),
         "confusion": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
     }
+
+
+def _averages(y_true: np.ndarray, y_pred: np.ndarray, present: list[int]) -> dict:
+    """scikit-learn's macro and weighted precision/recall/F1 and its balanced accuracy, over the classes
+    the data has (a class of the weights absent from the data would count as a zero in the macro mean)."""
+    from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
+
+    if len(y_true) == 0:
+        return {"average": {}, "balanced_accuracy": None, "macro_f1": None}
+    average = {}
+    for kind in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average=kind, zero_division=0)
+        average[kind] = {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(len(y_true))}
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": predictions of a class the data lacks are mistakes,
+        # which is what the score counts them as.
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y_true, y_pred)
+    return {"average": average, "balanced_accuracy": float(balanced), "macro_f1": average["macro"]["f1"]}
+
+
+def rank_losses(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str], paths: list[str] | None,
+                count: int) -> tuple[list[dict], list[dict], list[int]]:
+    """(top_losses, misclassified, the top ones' indices): the `count` images with the highest loss
+    -log p(true class), the ones the model is most confidently wrong about (fastai's top losses), and
+    every mistake, highest loss first. Rows are {file, true, predicted, p_predicted, loss}; `file` is
+    the image's path, or "#i" (its position in the evaluated split) for data without files."""
+    n = len(labels)
+    loss = -probabilities[torch.arange(n), labels].clamp_min(1e-12).log()
+    p_predicted, predicted = probabilities.max(1)
+    order = torch.argsort(loss, descending=True, stable=True).tolist()
+
+    def row(i: int) -> dict:
+        return {"file": paths[i] if paths is not None else f"#{i}", "true": classes[labels[i]],
+                "predicted": classes[predicted[i]], "p_predicted": float(p_predicted[i]), "loss": float(loss[i])}
+
+    top = order[:count]
+    return [row(i) for i in top], [row(i) for i in order if predicted[i] != labels[i]], top
 
 
 def _fold_other(probabilities: torch.Tensor, present: list[int]) -> torch.Tensor:
@@ -179,6 +223,11 @@ def sample_indices(correct: np.ndarray, count: int = SAMPLE_COUNT, wrong_max: in
     return np.unique(np.concatenate([wrong, right]))
 
 
+def check_top_losses(count: int | None) -> None:
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ReslabError(f"--top-losses must be a count of images, 0 or more (0: no top_losses.png), got {count!r}")
+
+
 def default_out(source: str | os.PathLike, data: str) -> Path:
     """RUN/eval-<data> for a run, beside a weights file, runs/<name>-eval-<data> for catalog weights."""
     from reslab.train.state import safe_name
@@ -193,13 +242,17 @@ def default_out(source: str | os.PathLike, data: str) -> Path:
 def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str | None = None,
              out: str | os.PathLike | None = None, device: str = "cpu", data_dir: str | None = None,
              backend: str = "auto", precision: str = "auto", model: str | None = None, classes=None,
-             calibration: str | None = None, calibration_images: int | None = None, tta: str | None = None) -> dict:
+             calibration: str | None = None, calibration_images: int | None = None, tta: str | None = None,
+             top_losses: int | None = None) -> dict:
     """Evaluate any model source (see reslab.weights.load_source) or exported file; writes eval.json,
-    confusion.png, samples.png. `calibration`, `calibration_images`: for precision int8 (see Predictor).
-    `tta`: test-time augmentation ("none", "flip"); None: what the run's training found paying."""
+    confusion.png, samples.png, top_losses.png. `calibration`, `calibration_images`: for precision int8
+    (see Predictor). `tta`: test-time augmentation ("none", "flip"); None: what the run's training found
+    paying. `top_losses`: how many images top_losses.png shows (0: none); None: 16 where the images
+    have files (image folders), none for digits and CIFAR, whose mistakes eval.json lists by index."""
     from reslab import plots
     from reslab.inference.predictor import Predictor
 
+    check_top_losses(top_losses)
     path = Path(source)
     checkpoint = resolve(source) if path.is_dir() else source
     predictor = Predictor(checkpoint, device=device, backend=backend, precision=precision, model=model,
@@ -227,6 +280,13 @@ def evaluate(source: str | os.PathLike, *, data: str | None = None, split: str |
     pick = sample_indices((predicted == eval_set.labels).numpy())
     plots.samples(out / SAMPLES_PNG, eval_set.images[pick].numpy(), eval_set.labels[pick].tolist(),
                   predicted[pick].tolist(), classes, probabilities=probabilities[pick].max(1).values.tolist())
+    count = (TOP_LOSSES if eval_set.paths is not None else 0) if top_losses is None else top_losses
+    result["top_losses"], result["misclassified"], top = rank_losses(probabilities, eval_set.labels, classes,
+                                                                     eval_set.paths, count)
+    if top:
+        plots.top_losses(out / TOP_LOSSES_PNG, eval_set.images[top].numpy(), result["top_losses"])
+    else:
+        (out / TOP_LOSSES_PNG).unlink(missing_ok=True)  # not a figure left from an earlier evaluation
     result["out"] = str(out)
     write_json(out / EVAL_JSON, result)
     return result

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if not os.environ.get("MPLBACKEND"):
+    # Files only, never a window. A backend chosen by the user stays: a Jupyter kernel sets the
+    # inline one, and switching it to Agg would stop the notebook's own plots from showing
+    # (reslab's figures are closed once saved, so they never show there either).
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from reslab.io import atomic_path  # noqa: E402
@@ -271,26 +275,34 @@ def confusion(path: str | os.PathLike, matrix, classes, *, title: str = "confusi
     return save(fig, path)
 
 
-def samples(path: str | os.PathLike, images, true, predicted, classes, *, probabilities=None, ncols: int = 8) -> Path:
-    """A grid of images titled "true / predicted"; wrong predictions in red with a red frame.
-
-    `images`: uint8 N x C x H x W (C = 1 or 3), as the data pipeline stores them.
-    """
+def _image_grid(images, ncols: int, *, width: float, height: float):
+    """A figure of uint8 N x C x H x W `images` (C = 1 or 3), `ncols` to a row, axes off; returns it and
+    the axes that hold an image, in order. Small images are drawn with nearest pixels, not blurred."""
     import numpy as np
 
     images = np.asarray(images)
     n = len(images)
     ncols = max(1, min(ncols, n))
-    nrows = max(1, -(-n // ncols))
-    fig, axes = figure(ncols, nrows, width=1.55, height=1.75)
+    fig, axes = figure(ncols, max(1, -(-n // ncols)), width=width, height=height)
+    cells = []
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
-        if k >= n:
-            continue
-        picture = images[k].transpose(1, 2, 0)
-        gray = picture.shape[2] == 1
-        ax.imshow(picture[..., 0] if gray else picture, cmap="gray" if gray else None, vmin=0, vmax=255,
-                  interpolation="nearest" if picture.shape[0] < 64 else "antialiased")
+        if k < n:
+            picture = images[k].transpose(1, 2, 0)
+            gray = picture.shape[2] == 1
+            ax.imshow(picture[..., 0] if gray else picture, cmap="gray" if gray else None, vmin=0, vmax=255,
+                      interpolation="nearest" if picture.shape[0] < 64 else "antialiased")
+            cells.append(ax)
+    return fig, cells
+
+
+def samples(path: str | os.PathLike, images, true, predicted, classes, *, probabilities=None, ncols: int = 8) -> Path:
+    """A grid of images titled "true / predicted"; wrong predictions in red with a red frame.
+
+    `images`: uint8 N x C x H x W (C = 1 or 3), as the data pipeline stores them.
+    """
+    fig, cells = _image_grid(images, ncols, width=1.55, height=1.75)
+    for k, ax in enumerate(cells):
         wrong = true[k] != predicted[k]
         text = f"{classes[true[k]]} / {classes[predicted[k]]}"
         if probabilities is not None:
@@ -305,4 +317,23 @@ def samples(path: str | os.PathLike, images, true, predicted, classes, *, probab
                 spine.set_color(PALETTE[1])
                 spine.set_linewidth(2.5)
     fig.suptitle("true / predicted (wrong in red)", fontsize=9)
+    return save(fig, path)
+
+
+def top_losses(path: str | os.PathLike, images, entries, *, ncols: int = 4) -> Path:
+    """The images a model is most confidently wrong about (fastai's plot_top_losses): each titled
+    with its file, "true / predicted p", and its loss -log p(true); wrong predictions in red.
+
+    `images`: uint8 N x C x H x W; `entries`: eval.json's `top_losses` rows, in the same order.
+    """
+    fig, cells = _image_grid(images, ncols, width=2.3, height=2.9)
+    for k, ax in enumerate(cells):
+        row = entries[k]
+        # The class folder and the file name find the photo; the full path is in eval.json.
+        shown = "/".join(Path(row["file"]).parts[-2:]) if not row["file"].startswith("#") else row["file"]
+        shown = shown if len(shown) <= 32 else "..." + shown[-29:]
+        wrong = row["true"] != row["predicted"]
+        ax.set_title(f"{shown}\n{row['true']} / {row['predicted']} {row['p_predicted']:.2f}\n"
+                     f"loss {row['loss']:.2f}", fontsize=7, color=PALETTE[1] if wrong else "black")
+    fig.suptitle("top losses: file, true / predicted p, -log p(true)", fontsize=9)
     return save(fig, path)

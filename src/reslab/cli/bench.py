@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also run the peers on the same input and print ratios: the textbook fp32 NCHW eager "
                              "loop, every installed backend in fp32, bf16 where the CPU has it natively, int8 "
-                             "(ONNX Runtime, OpenVINO) where it has int8 dot products")
+                             "(ONNX Runtime, OpenVINO) where it has int8 dot products, and OpenVINO's plain "
+                             "compile of the unfolded network (openvino-plain)")
     parser.add_argument("--json", action="store_true", help="print JSON (a list with --compare)")
 
 
@@ -54,23 +55,20 @@ def run(args) -> int:
 
 
 def _progress(result: dict) -> None:
-    from rich.console import Console
+    from reslab.cli.tables import console
 
-    Console(stderr=True).print(f"  {result['name']}: {result['images_per_second']:.1f} img/s", highlight=False)
+    console(stderr=True).print(f"  {result['name']}: {result['images_per_second']:.1f} img/s", markup=False,
+                               highlight=False)
 
 
 def _table(results: list[dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from reslab.cli.tables import console, table
 
     first = results[0]
-    table = Table(title=f"{title}: batch {first['batch_size']}, {first['image_size']}px, "
-                        f"{first['threads']} threads")
     columns = ["path", "precision", "NHWC", "images/s", "ms/batch", "GFLOP/s", "of peak"]
     if "ratio" in first:
         columns.append("vs textbook")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("path", "precision") else "right")
+    rows = []
     for r in results:
         layout = {True: "yes", False: "no"}.get(r.get("channels_last"), "-")
         peak = "-" if r.get("peak_fraction") is None else f"{r['peak_fraction']:.0%}"
@@ -78,14 +76,15 @@ def _table(results: list[dict], title: str) -> None:
                f"{r['images_per_second']:.1f}", f"{r['ms_per_batch']:.1f}", f"{r['gflops_per_second']:.1f}", peak]
         if "ratio" in r:
             row.append(f"{r['ratio']:.2f}x")
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
+        rows.append(row)
+    out = console()
+    out.print(table(f"{title}: batch {first['batch_size']}, {first['image_size']}px, {first['threads']} threads",
+                    [(col, "left" if col in ("path", "precision") else "right") for col in columns], rows))
     train = ", x3 for a training step" if first["mode"] == "train" else ""
     hardware = first["hardware"]
     peaks = {r.get("peak_precision"): r.get("peak_gflops_per_second") for r in results}
     peaks = ", ".join(f"{precision} {gflops:.0f}" for precision, gflops in peaks.items() if gflops)
-    console.print(f"GFLOP/s from MACs: 2 per MAC forward{train} (int8: integer ops); peak: a {PEAK} matrix product "
+    out.print(f"GFLOP/s from MACs: 2 per MAC forward{train} (int8: integer ops); peak: a {PEAK} matrix product "
                   f"at the row's precision on the same threads ({peaks} GFLOP/s); {hardware['cpu_capability']}, "
                   f"native bf16: {hardware['cpu_bf16_native']}, VNNI: {hardware.get('cpu_int8_vnni')}, "
-                  f"flags: {' '.join(hardware.get('cpu_flags', []))}", highlight=False)
+                  f"flags: {' '.join(hardware.get('cpu_flags', []))}", markup=False, highlight=False)

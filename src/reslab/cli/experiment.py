@@ -64,16 +64,18 @@ def add_arguments(parser) -> None:
 
 
 def _announce(console):
+    from reslab.cli.tables import heading
+
     def progress(k: int, n: int, name: str) -> None:
-        console.rule(f"[bold]model {k + 1} of {n}: {name}")
+        heading(console, f"model {k + 1} of {n}: {name}")
 
     return progress
 
 
 def run(args) -> int:
-    from rich.console import Console
+    from reslab.cli.tables import console as stdout
 
-    console = Console()
+    console = stdout()
     if args.experiment == "degradation":
         return _degradation(args, console)
     if args.experiment == "gradients":
@@ -84,42 +86,37 @@ def run(args) -> int:
 
 
 def _gradients(args, console) -> int:
-    from rich.table import Table
-
+    from reslab.cli.tables import table
     from reslab.experiments import GradientsConfig, run_gradients
 
     config = GradientsConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              image_size=args.image_size, seed=args.seed, out=args.out,
                              **({"models": args.models} if args.models else {}))
     summary = run_gradients(config, progress=_announce(console))
-    table = Table(title=f"gradient norm ||dL/dW||: first layer / last layer (after {config.steps} steps)")
-    for col in ("model", "layers", "init first", "init last", "after first", "after last"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for name, m in summary["models"].items():
-        table.add_row(name, str(len(m["layers"])), f"{m['init'][0]:.3g}", f"{m['init'][-1]:.3g}",
-                      f"{m['after'][0]:.3g}", f"{m['after'][-1]:.3g}")
-    console.print(table)
+    columns = [(col, "left" if col == "model" else "right")
+               for col in ("model", "layers", "init first", "init last", "after first", "after last")]
+    rows = [[name, str(len(m["layers"])), f"{m['init'][0]:.3g}", f"{m['init'][-1]:.3g}", f"{m['after'][0]:.3g}",
+             f"{m['after'][-1]:.3g}"] for name, m in summary["models"].items()]
+    console.print(table(f"gradient norm ||dL/dW||: first layer / last layer (after {config.steps} steps)",
+                        columns, rows))
     print(f"wrote {summary['settings']['out']}/gradients.json and gradients.png")
     return 0
 
 
 def _responses(args, console) -> int:
-    from rich.table import Table
-
+    from reslab.cli.tables import table
     from reslab.experiments import ResponsesConfig, run_responses
 
     config = ResponsesConfig(data=args.data, split=args.split, max_images=args.max_images,
                              image_size=args.image_size, seed=args.seed, out=args.out,
                              **({"sources": args.sources} if args.sources else {}))
     summary = run_responses(config, progress=_announce(console))
-    table = Table(title="std of residual-function responses (after the last BN, before the add)")
-    for col in ("net", "weights", "blocks", "mean std", "max std", "images"):
-        table.add_column(col, justify="left" if col in ("net", "weights") else "right")
-    for name, m in summary["models"].items():
-        stds = m["std"]
-        table.add_row(name, "trained" if m["trained"] else "initialized", str(len(stds)),
-                      f"{sum(stds) / len(stds):.3f}", f"{max(stds):.3f}", f"{m['images']} {m['split']}")
-    console.print(table)
+    columns = [(col, "left" if col in ("net", "weights") else "right")
+               for col in ("net", "weights", "blocks", "mean std", "max std", "images")]
+    rows = [[name, "trained" if m["trained"] else "initialized", str(len(m["std"])),
+             f"{sum(m['std']) / len(m['std']):.3f}", f"{max(m['std']):.3f}", f"{m['images']} {m['split']}"]
+            for name, m in summary["models"].items()]
+    console.print(table("std of residual-function responses (after the last BN, before the add)", columns, rows))
     print(f"wrote {summary['settings']['out']}/responses.json and responses.png")
     return 0
 
@@ -129,8 +126,7 @@ def _pct(value) -> str:
 
 
 def _degradation(args, console) -> int:
-    from rich.table import Table
-
+    from reslab.cli.tables import table
     from reslab.experiments import DegradationConfig, run_degradation
 
     options = {k: getattr(args, k) for k in ("depths", "epochs", "batch_size", "lr", "image_size")
@@ -138,16 +134,13 @@ def _degradation(args, console) -> int:
     config = DegradationConfig(data=args.data, recipe=args.recipe, seed=args.seed, precision=args.precision,
                                out=args.out, quiet=args.quiet, **options)
     summary = run_degradation(config, progress=_announce(console))
-    table = Table(title="degradation: errors after the last epoch (paper Figure 6)")
-    for col in ("model", "final train err", "train err (eval)", "best train err", "final val err", "test err",
-                "seconds"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-
-    for name, m in summary["models"].items():
-        table.add_row(name, _pct(m["final_train_error"]), _pct(m.get("train_error_eval")),
-                      _pct(m["best_train_error"]), _pct(m["final_val_error"]), _pct(m["test_error"]),
-                      f"{m['seconds']:.0f}")
-    console.print(table)
+    columns = [(col, "left" if col == "model" else "right") for col in
+               ("model", "final train err", "train err (eval)", "best train err", "final val err", "test err",
+                "seconds")]
+    rows = [[name, _pct(m["final_train_error"]), _pct(m.get("train_error_eval")), _pct(m["best_train_error"]),
+             _pct(m["final_val_error"]), _pct(m["test_error"]), f"{m['seconds']:.0f}"]
+            for name, m in summary["models"].items()]
+    console.print(table("degradation: errors after the last epoch (paper Figure 6)", columns, rows))
     print(f"wrote {summary['settings']['out']}/summary.json, metrics.csv and degradation.png")
     return 0
 
@@ -169,19 +162,17 @@ def _inception(args, console) -> int:
 
 def _inception_table(summary: dict):
     from rich import box
-    from rich.table import Table
+
+    from reslab.cli.tables import table
 
     settings = summary["settings"]
+    columns = [(col, "left" if col == "model" else "right")
+               for col in ("model", "params", "final", "mean", "epoch", "s/epoch", "test err")]
+    rows = [[name, f"{m['params'] / 1e6:.2f}M", _pct(m["final_train_error"]), _pct(m["mean_train_error"]),
+             "-" if m["epochs_to_target"] is None else str(m["epochs_to_target"]), f"{m['seconds_per_epoch']:.1f}",
+             _pct(m["test_error"])] for name, m in summary["models"].items()]
     # Without vertical rules and with one space between columns, the table fits 80 columns with the
     # longest default name (28 characters).
-    table = Table(title=f"{settings['epochs']} epochs, {settings['image_size']} px, {settings['precision_resolved']}; "
-                        f"train error: final, mean over the epochs, first epoch <= "
-                        f"{_pct(settings['target_train_error'])}", box=box.SIMPLE_HEAD, pad_edge=False,
-                  collapse_padding=True)
-    for col in ("model", "params", "final", "mean", "epoch", "s/epoch", "test err"):
-        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
-    for name, m in summary["models"].items():
-        table.add_row(name, f"{m['params'] / 1e6:.2f}M", _pct(m["final_train_error"]), _pct(m["mean_train_error"]),
-                      "-" if m["epochs_to_target"] is None else str(m["epochs_to_target"]),
-                      f"{m['seconds_per_epoch']:.1f}", _pct(m["test_error"]))
-    return table
+    return table(f"{settings['epochs']} epochs, {settings['image_size']} px, {settings['precision_resolved']}; "
+                 f"train error: final, mean over the epochs, first epoch <= {_pct(settings['target_train_error'])}",
+                 columns, rows, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)

@@ -19,10 +19,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from reslab import plots
+    from reslab.cli.tables import console, table
     from reslab.errors import ReslabError
     from reslab.explain import Explainer
     from reslab.inference.predictor import Predictor
@@ -34,10 +32,7 @@ def run(args) -> int:
                                      classes=args.classes), args.layer)
     explainer.class_index(args.class_name)  # an unknown --class fails before any work
     out = Path(args.out)
-    table = Table(title=f"Grad-CAM of {explainer.predictor.meta.model}, layer {explainer.layer}")
-    for col in ("image", "explained class", "probability", "top class"):
-        table.add_column(col)
-    table.add_column("figure", overflow="fold")
+    rows = []
     used: set[str] = set()
     for image in args.images:
         result = explainer.explain(image, args.class_name)
@@ -49,7 +44,9 @@ def run(args) -> int:
         used.add(name)
         path = plots.gradcam(out / name, result.image, result.overlay(), result.top_k,
                              explained=result.class_name, layer=result.layer, title=Path(image).name)
-        table.add_row(Path(image).name, result.class_name, f"{result.probability:.1%}",
-                      f"{result.top_k[0][0]} ({result.top_k[0][1]:.1%})", str(path))
-    Console().print(table)
+        rows.append([Path(image).name, result.class_name, f"{result.probability:.1%}",
+                     f"{result.top_k[0][0]} ({result.top_k[0][1]:.1%})", str(path)])
+    columns = [("image", "left"), ("explained class", "left"), ("probability", "left"), ("top class", "left"),
+               ("figure", "left")]
+    console().print(table(f"Grad-CAM of {explainer.predictor.meta.model}, layer {explainer.layer}", columns, rows))
     return 0

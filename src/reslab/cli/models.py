@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
-from rich.table import Table
+from reslab.cli.tables import console, table
 
 
 def add_arguments(parser) -> None:
@@ -25,15 +24,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title="reslab models (MACs at each model's native input)")
-    for col, justify in (("name", "left"), ("family", "left"), ("block", "left"), ("depth", "right"),
-                         ("input", "right"), ("params", "right"), ("MACs", "right"), ("residual adds", "right")):
-        table.add_column(col, justify=justify)
-    for r in rows:
-        size = r["image_size"]
-        table.add_row(r["name"], r["family"], r["block"], str(r["depth"]), f"{size}x{size}",
-                      f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e9:.3f}G", str(r["residual_adds"]))
-    Console().print(table)
+    columns = [("name", "left"), ("family", "left"), ("block", "left"), ("depth", "right"), ("input", "right"),
+               ("params", "right"), ("MACs", "right"), ("residual adds", "right")]
+    cells = [[r["name"], r["family"], r["block"], str(r["depth"]), f"{r['image_size']}x{r['image_size']}",
+              f"{r['params'] / 1e6:.2f}M", f"{r['macs'] / 1e9:.3f}G", str(r["residual_adds"])] for r in rows]
+    console().print(table("reslab models (MACs at each model's native input)", columns, cells))
     return 0
 
 
@@ -50,17 +45,13 @@ def _pretrained(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title=f"reslab pretrained weights (files in {checkpoints_dir()})")
-    for col, justify in (("name", "left"), ("top-1", "right"), ("params", "right"), ("classes", "left"),
-                         ("input", "right"),
-                         ("resize", "right"), ("source", "left"), ("licence", "left"), ("here", "center")):
-        table.add_column(col, justify=justify, overflow="fold")
-    for r in rows:
-        table.add_row(r["name"], "-" if r["top1"] is None else f"{r['top1']:.2%}",
-                      "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M", r["classes"],
-                      str(r["image_size"]), str(r["resize_size"]), r["source"], r["licence"].split(" (")[0],
-                      "yes" if r["downloaded"] else "")
-    Console().print(table)
+    columns = [("name", "left"), ("top-1", "right"), ("params", "right"), ("classes", "left"), ("input", "right"),
+               ("resize", "right"), ("source", "left"), ("licence", "left"), ("here", "center")]
+    cells = [[r["name"], "-" if r["top1"] is None else f"{r['top1']:.2%}",
+              "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M", r["classes"], str(r["image_size"]),
+              str(r["resize_size"]), r["source"], r["licence"].split(" (")[0], "yes" if r["downloaded"] else ""]
+             for r in rows]
+    console().print(table(f"reslab pretrained weights (files in {checkpoints_dir()})", columns, cells))
     return 0
 
 

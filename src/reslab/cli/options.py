@@ -93,7 +93,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "tta": (("--tta",), {"default": None, "choices": _Names("reslab.inference.predictor:TTA_MODES"),
                          "metavar": "MODE", "help": "test-time augmentation: %(choices)s (flip: mean of the image "
                                                     "and its mirror; default: what the run's training found "
-                                                    "paying on its validation split, else none)"}),
+                                                    "paying on its validation split, else none; never flip for "
+                                                    "a model trained with --no-flip)"}),
 }
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
+from reslab.cli.tables import console, table
 from reslab.errors import ReslabError
 
 
@@ -53,26 +53,22 @@ def run(args) -> int:
                           "layers": [r.__dict__ | {"output_shape": list(r.output_shape)} for r in rows]},
                          indent=2))
         return 0
-    table = Table(title=f"{args.model}  input {'x'.join(map(str, input_size))}", show_lines=False)
-    table.add_column("layer")
-    table.add_column("type")
-    table.add_column("output shape", justify="right")
-    table.add_column("params", justify="right")
-    table.add_column("MACs", justify="right")
+    cells = []
     for r in rows:
         shape = "x".join(map(str, r.output_shape))
         if r.kind == "ResidualAdd":
             # The add is the point of the whole architecture: make each one stand out.
-            table.add_row(f"[bold green]{r.name}[/]", "[bold green](+) residual add[/]", shape, "0", "")
+            cells.append([Text(r.name, "bold green"), Text("(+) residual add", "bold green"), shape, "0", ""])
         elif r.kind == "Concat":
             # An inception module's parallel branches meet here (|| for "side by side").
-            table.add_row(f"[bold cyan]{r.name}[/]", "[bold cyan](||) concat[/]", shape, "0", "")
+            cells.append([Text(r.name, "bold cyan"), Text("(||) concat", "bold cyan"), shape, "0", ""])
         else:
-            table.add_row(r.name, r.kind, shape, f"{r.params:,}", f"{r.macs:,}" if r.macs else "")
-    console = Console()
-    console.print(table)
+            cells.append([r.name, r.kind, shape, f"{r.params:,}", f"{r.macs:,}" if r.macs else ""])
+    columns = [("layer", "left"), ("type", "left"), ("output shape", "right"), ("params", "right"), ("MACs", "right")]
+    out = console()
+    out.print(table(f"{args.model}  input {'x'.join(map(str, input_size))}", columns, cells))
     frozen = totals["params"] - totals["trainable_params"]
-    console.print(
+    out.print(
         f"Total params: {totals['params']:,}   Trainable: {totals['trainable_params']:,}   "
         f"Non-trainable: {frozen:,}\nMACs: {totals['macs']:,} ({totals['macs'] / 1e9:.3f} G)   "
         f"Residual adds: {totals['residual_adds']}"

@@ -47,7 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without a better val accuracy")
     add("--val-split", type=float, help="fraction of the training data held out for validation")
     add("--augment", help="augmentation policy: none, cifar, folder, keras, trivial (default: the data's; a photo "
-                          "folder from scratch: trivial)")
+                          "folder from scratch: trivial, or folder for small images)")
+    add("--flip", action=argparse.BooleanOptionalAction, default=None,
+        help="mirror training images left to right at random (default: off for a folder of small images, 40 px "
+             "or less, else the --augment policy's own: on for photos and CIFAR); --no-flip for data a mirror "
+             "changes (digits, text); recorded in the weights, and evaluate, predict and serve then never flip "
+             "by default")
     add("--random-erasing", type=float, metavar="P", help="erase a random rectangle of each training image with "
                                                           "probability P (default 0)")
     add("--mixup", type=float, metavar="ALPHA", help="mixup of each batch with itself reversed, lambda ~ "
@@ -74,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GoogLeNet / Inception-v3: train the auxiliary classifiers too (weighted as the papers do)")
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add("--quiet", action="store_true", default=None, help="no progress bar or epoch lines (for logs)")
+    add("--log", metavar="tensorboard", help="tensorboard: also write TensorBoard event files into the run "
+                                             "directory (loss, accuracy, lr, curves, sample predictions; needs "
+                                             "pip install 'reslab[tensorboard]')")
     dist = parser.add_argument_group("several processes (DDP; see docs/distributed.md)")
     dist.add_argument("--nproc", type=int, help="processes on this machine, launched through torchrun's API "
                       "(default 1; under torchrun, torchrun's own count)")
@@ -113,9 +121,14 @@ def config_from_args(args):
 
 def run(args) -> int:
     from reslab.train import train
+    from reslab.train.distributed import torchrun_env
 
     summary = train(config_from_args(args))
     run_dir = summary["run_dir"]
+    # Under torchrun every rank runs this command; the job's lines are printed once, by rank 0.
+    job = torchrun_env()
+    if job is not None and job["rank"] != 0:
+        return 130 if summary["interrupted"] else 0
     if summary["interrupted"]:
         print(f"reslab train: interrupted; checkpoint written. Continue with: reslab train --resume {run_dir}",
               file=sys.stderr)
@@ -124,8 +137,11 @@ def run(args) -> int:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    print(f"{summary['model']} on {summary['data']}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s "
-          f"({summary['images_per_second']} img/s), best val acc {pct(summary['best_val_acc'])}"
+    # Several processes: the job's time (each epoch its slowest rank's) and every rank's images in it.
+    nproc = job["world_size"] if job is not None else args.nproc or 1
+    processes = f" on {nproc} processes" if nproc > 1 else ""
+    print(f"{summary['model']} on {summary['data']}: {summary['epochs']} epochs in {summary['train_seconds']:.1f}s"
+          f"{processes} ({summary['images_per_second']} img/s), best val acc {pct(summary['best_val_acc'])}"
           f"{' (EMA weights)' if summary.get('best_weights') == 'ema' else ''}, "
           f"test acc {pct(summary['test_acc'])}; run in {run_dir}")
     if summary.get("tta_val_acc"):

@@ -10,6 +10,7 @@ drew it. Random erasing and mixup/cutmix act on the normalized batch (`erase`, `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -65,10 +66,14 @@ _GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 ERASE_AREA, ERASE_RATIO = (0.02, 1 / 3), (0.3, 3.3)
 
 
-def get_policy(name: str) -> Policy:
+def get_policy(name: str, flip: bool | None = None) -> Policy:
+    """The policy `name`, with its horizontal flip forced on or off by `flip` (None: the policy's own).
+    Every policy honours it: the flip is a sign in the affine matrix, a reversed gather in the
+    padded crop, or a flip of its own where the policy does neither."""
     if name not in POLICIES:
         raise ReslabError(f"unknown augmentation {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]
+    policy = POLICIES[name]
+    return policy if flip is None else dataclasses.replace(policy, flip=bool(flip))
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:

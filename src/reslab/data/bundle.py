@@ -26,12 +26,17 @@ RESIZE_MODES = ("center_crop", "squash")
 class Split:
     images: torch.Tensor  # uint8, N x C x H x W (possibly memory-mapped for big folders)
     labels: torch.Tensor  # int64, N
+    # Each image's file (absolute path) for image folders, so that a mistake can be traced back to
+    # its photo (evaluate's top_losses, misclassified); None where images come from arrays (digits, CIFAR).
+    paths: list[str] | None = None
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(f"Split.images must be uint8 NxCxHxW: {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"Split.labels must have shape ({len(self.images)},), not {self.labels.shape}")
+        if self.paths is not None and len(self.paths) != len(self.labels):
+            raise ValueError(f"Split.paths must have {len(self.labels)} entries, not {len(self.paths)}")
         self.labels = self.labels.to(torch.int64)
 
     def __len__(self) -> int:
@@ -39,7 +44,8 @@ class Split:
 
     def subset(self, index: torch.Tensor | np.ndarray) -> Split:
         index = torch.as_tensor(index, dtype=torch.int64)
-        return Split(self.images[index].contiguous(), self.labels[index].clone())
+        paths = None if self.paths is None else [self.paths[i] for i in index.tolist()]
+        return Split(self.images[index].contiguous(), self.labels[index].clone(), paths)
 
     def pixel_mean(self) -> torch.Tensor:
         """The per-pixel mean image (C x H x W, [0,1] units) that paper section 4.2 subtracts."""

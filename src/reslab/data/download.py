@@ -73,12 +73,15 @@ def _fetch(url: str, out_path: Path, label: str, *, quiet: bool, timeout: float)
                 TransferSpeedColumn,
             )
 
+            from reslab.console import live_bars_work
+
             progress = Progress(
                 "[progress.description]{task.description}",
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 transient=True,
+                disable=not live_bars_work(),
             )
             progress.start()
             task = progress.add_task(f"downloading {label}", total=total)

@@ -48,48 +48,82 @@ MIN_FILES_FOR_WORKERS = 64
 PHOTO_DEFAULTS = {"model": "resnet18", "stem": "imagenet", "image_size": 112, "epochs": 30, "lr": 0.05,
                   "augment": "trivial", "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0}
 # The part of PHOTO_DEFAULTS that is one choice with the model: an explicit --model keeps its own.
+# Everything else (epochs, lr, augmentation, mirror, ingredients) is chosen by the folder and stays
+# with an explicit --model: measured, what hurt the issue-20 run (`--model resnet20` on MNIST digits)
+# was photo settings on small images, not the --model (benchmarks/RESULTS.md, "Small images:
+# defaults measured").
 PHOTO_MODEL_CHOICE = ("stem", "image_size")
 # Images this small (MNIST's 28 px, CIFAR's 32: the median shorter side of a sample) take the CIFAR
 # net at its own 32 px instead: upscaling them to 112 px for resnet18 costs 12x the arithmetic and
 # adds no detail.
 SMALL_IMAGE_SIDE = 40
 SMALL_PHOTO_MODEL = {"model": "resnet20", "stem": None, "image_size": 32}
+# Small *gray* images (digits, letters, handwriting, scans: MNIST's kind) take the plain folder policy
+# instead of TrivialAugment, the fast recipe's own peak lr (0.2; PHOTO_DEFAULTS' 0.05 is resnet18's on
+# photos), and no mirror image in training: each measured better on an MNIST-style folder
+# (benchmarks/RESULTS.md, "Small images: defaults measured"), as lr and policy were in the issue's run
+# on real MNIST, and a mirrored digit or letter is no longer one. Small *colour* images (CIFAR's
+# kind: photos) keep the photo ingredients and the mirror, which the CIFAR literature relies on; no
+# measurement here says otherwise. Gray is read from the pixels (reslab.data.folder.folder_facts).
+SMALL_IMAGE_RECIPE = {"augment": "folder", "flip": False}
 # PHOTO_DEFAULTS' 30 epochs are for a folder of about 2,000 images (the measured task); a bigger one
 # gets fewer, so that about PHOTO_IMAGES_SEEN images are shown in all, but never fewer than the fast
 # recipe's 6: 60,000 MNIST-style images train 6 epochs, not 30.
 PHOTO_IMAGES_SEEN = 60_000
 PHOTO_MIN_EPOCHS = 6
 FACT_SAMPLE = 32
+# Image modes that hold one channel, and how far (in 8-bit levels) colour channels may differ in an
+# image still taken as gray (lossy JPEG chroma leaves a few levels of noise).
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_TOLERANCE = 8
 
 
 @functools.lru_cache(maxsize=16)
-def folder_facts(spec: str) -> tuple[int, int]:
-    """(image files, median shorter side in pixels of up to FACT_SAMPLE of them spread over the
-    folder) of an image folder, from file names and image headers alone (nothing is decoded)."""
+def folder_facts(spec: str) -> tuple[int, int, bool]:
+    """(image files, median shorter side in pixels, whether they are grayscale) of an image folder,
+    from up to FACT_SAMPLE files spread over it: names and headers, and the pixels of small images
+    only (a colour header can hold gray pixels, as MNIST saved as RGB does; decoding 32 small images
+    costs milliseconds)."""
     from PIL import Image
 
     root = Path(spec).expanduser()
     files = [f for f in _walk(root) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    sides = []
+    sides, grays = [], []
     for path in files[:: max(1, len(files) // FACT_SAMPLE)][:FACT_SAMPLE]:
         try:
             with Image.open(path) as image:
                 sides.append(min(image.size))
+                grays.append(_is_gray(image))
         except (OSError, ValueError, Image.DecompressionBombError):
             continue  # a corrupt file is the loader's to report
-    return len(files), int(np.median(sides)) if sides else 0
+    return len(files), int(np.median(sides)) if sides else 0, bool(grays) and all(grays)
+
+
+def _is_gray(image) -> bool:
+    """Whether an open PIL image holds one channel of information: a gray mode, or (small images only)
+    colour channels that are equal everywhere."""
+    if image.mode in GRAY_MODES:
+        return True
+    if min(image.size) > SMALL_IMAGE_SIDE:
+        return False
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return bool(np.abs(pixels - pixels[..., :1]).max() <= GRAY_TOLERANCE)
 
 
 def photo_choice(spec: str) -> tuple[dict, str]:
     """PHOTO_DEFAULTS adapted to the folder `spec` (its image size and count), and why, in words."""
-    count, side = folder_facts(spec)
+    count, side, gray = folder_facts(spec)
     chosen = dict(PHOTO_DEFAULTS)
     epochs = min(PHOTO_DEFAULTS["epochs"], max(PHOTO_MIN_EPOCHS, round(PHOTO_IMAGES_SEEN / max(count, 1))))
     chosen["epochs"] = epochs
     why = f"{count:,} images of about {side} px"
     if 0 < side <= SMALL_IMAGE_SIDE:
         chosen.update(SMALL_PHOTO_MODEL)
-        why += f": small images take the CIFAR net at {SMALL_PHOTO_MODEL['image_size']} px"
+        why += f": small {'gray ' if gray else ''}images take the CIFAR net at {SMALL_PHOTO_MODEL['image_size']} px"
+        if gray:
+            chosen.update(SMALL_IMAGE_RECIPE)
+            chosen.pop("lr")  # the recipe's own
+            why += ", the recipe's lr, the folder policy and no mirror"
     if epochs != PHOTO_DEFAULTS["epochs"]:
         why += f"; {epochs} epochs show about {PHOTO_IMAGES_SEEN:,} images"
     return chosen, why
@@ -228,12 +262,15 @@ def _decode_all(root: Path, rels: list[str], image_size: int, out: np.ndarray, w
     if not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+        from reslab.console import live_bars_work
+
         progress = Progress(
             "[progress.description]{task.description}",
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             transient=True,
+            disable=not live_bars_work(),
         )
         progress.start()
         progress.add_task(f"decoding {root.name}", total=len(jobs))
@@ -386,7 +423,7 @@ def load_folder(
     def split(part: torch.Tensor | None) -> Split | None:
         if part is None or len(part) == 0:
             return None
-        return Split(images[part].contiguous(), labels[part].clone())
+        return Split(images[part].contiguous(), labels[part].clone(), [str(root / rels[i]) for i in part.tolist()])
 
     empty = Split(torch.zeros((0, 3, size, size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
     train = split(index) or empty

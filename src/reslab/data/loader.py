@@ -48,7 +48,7 @@ class BatchLoader:
 
     `mean`/`std` are per-channel in [0,1] units (the DataBundle's); `mean` may instead be a
     C x H x W per-pixel mean image (paper section 4.2, `Split.pixel_mean()`), and `std=None`
-    skips the division.
+    skips the division. `flip` forces the policy's horizontal mirror on or off (None: the policy's).
 
     After the policy and normalization: random erasing with probability `erasing` (the erased
     rectangle becomes the mean), then with `mixup` or `cutmix` (Beta alphas; 0 is off) every batch
@@ -70,6 +70,7 @@ class BatchLoader:
         shuffle: bool = True,
         seed: int = 0,
         augment: str = "none",
+        flip: bool | None = None,
         mean: Sequence[float] | torch.Tensor = (0.0,),
         std: Sequence[float] | torch.Tensor | None = (1.0,),
         drop_last: bool = False,
@@ -92,7 +93,7 @@ class BatchLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.policy_name = augment
-        self.policy = get_policy(augment)
+        self.policy = get_policy(augment, flip)
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)

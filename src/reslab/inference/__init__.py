@@ -27,6 +27,7 @@ from reslab.inference.backends import (
     installed_backends,
     make_runner,
     normalizer,
+    openvino_settings,
     resolve_backend,
 )
 from reslab.inference.export import (
@@ -48,5 +49,5 @@ __all__ = [
     "TOLERANCE", "ExportResult", "Int8Settings", "OnnxRuntimeRunner", "OpenVinoRunner", "Predictor", "TorchRunner",
     "cached_export", "cached_int8", "check_export", "check_top_k", "default_channels_last", "export_int8",
     "export_onnx", "export_openvino", "fold_batchnorm", "installed_backends", "make_runner", "normalizer",
-    "read_exported_meta", "resolve_backend",
+    "openvino_settings", "read_exported_meta", "resolve_backend",
 ]

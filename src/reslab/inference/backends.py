@@ -3,7 +3,8 @@
 - `torch`: BatchNorm folded into the convolutions (reslab.inference.fold), channels_last where it
   pays, bf16 where the hardware multiplies it natively, optionally `torch.compile`d.
 - `onnxruntime` / `openvino`: the same BN-folded fp32 graph exported by reslab.inference.export, or
-  its int8 form (reslab.inference.quantize). Both are optional extras.
+  its int8 form (reslab.inference.quantize). Both are optional extras. OpenVINO compiles with
+  settings by batch size (`openvino_settings`: LATENCY for one image, THROUGHPUT streams for a batch).
 
 A runner is a callable from a normalized float batch to float32 logits. The preference orders and
 the channels_last defaults are decided from the measurements in benchmarks/RESULTS.md (Speed).
@@ -147,34 +148,80 @@ class OnnxRuntimeRunner:
         return torch.from_numpy(logits)
 
 
+def openvino_settings(batch_size: int, threads: int) -> dict[str, str | int]:
+    """OpenVINO's CPU performance settings for calls on `batch_size` images with `threads` threads.
+
+    Chosen by measurement (benchmarks/RESULTS.md, "OpenVINO: reslab against a plain compile"): one
+    image runs fastest on one request with every thread (LATENCY); a batch runs fastest cut across
+    the THROUGHPUT hint's streams, one infer request per stream, all in flight at once
+    (OpenVinoRunner does the cutting: one synchronous call on a THROUGHPUT compile runs on a single
+    stream and leaves the other streams' cores idle). At most one stream per image, so that a batch
+    of 2 on 16 cores does not get 4 streams of which 2 idle.
+    """
+    if batch_size == 1:
+        return {"PERFORMANCE_HINT": "LATENCY"}
+    return {"PERFORMANCE_HINT": "THROUGHPUT", "PERFORMANCE_HINT_NUM_REQUESTS": min(batch_size, threads)}
+
+
 class OpenVinoRunner:
-    """An OpenVINO CPU compiled model; bf16 by INFERENCE_PRECISION_HINT (honoured only where the CPU
-    has native bf16: on AVX2 OpenVINO reports and runs f32 whatever the hint). An int8 graph runs its
-    quantized layers in int8 whatever the hint; the rest stays f32."""
+    """An OpenVINO CPU model, compiled on first use for each batch size's settings (`openvino_settings`;
+    `hint` forces one PERFORMANCE_HINT for every batch size instead); a batch is split across the
+    compiled model's optimal number of infer requests, run together.
+
+    bf16 by INFERENCE_PRECISION_HINT (honoured only where the CPU has native bf16: on AVX2 OpenVINO
+    reports and runs f32 whatever the hint). An int8 graph runs its quantized layers in int8 whatever
+    the hint; the rest stays f32.
+    """
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", threads: int | None = None,
-                 hint: str = "LATENCY"):
+                 hint: str | None = None):
         import openvino as ov
 
-        config = {
-            "PERFORMANCE_HINT": hint,
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        }
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self.lock = threading.Lock()  # one infer request: callers on several threads take turns
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(path))
+        self.threads = threads or torch.get_num_threads()
+        self.precision_hint = "bf16" if precision == "bf16" else "f32"
+        self.hint = hint
+        # Compiled models by their settings, which depend on the batch size only through the hint and
+        # the request count: at most `threads` + 1 compilations (a tenth of a second each for ResNet-50).
+        self._compiled: dict[tuple, tuple] = {}
+        self.lock = threading.Lock()  # the infer requests are shared: callers on several threads take turns
+
+    def settings(self, batch_size: int) -> dict[str, str | int]:
+        """The configuration a call on `batch_size` images compiles with."""
+        chosen = openvino_settings(batch_size, self.threads) if self.hint is None else {"PERFORMANCE_HINT": self.hint}
+        return {**chosen, "INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": self.precision_hint}
+
+    def compiled(self, batch_size: int):
+        """The compiled model and its infer requests for calls on `batch_size` images."""
+        config = self.settings(batch_size)
+        key = tuple(sorted(config.items()))
+        if key not in self._compiled:
+            compiled = self.core.compile_model(self.model, "CPU", config)
+            requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            self._compiled[key] = compiled, [compiled.create_infer_request() for _ in range(max(1, requests))]
+        return self._compiled[key]
 
     @property
     def inference_precision(self) -> str:
-        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16"
+        compiled, _ = next(iter(self._compiled.values())) if self._compiled else self.compiled(1)
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16"
         return value.to_string() if hasattr(value, "to_string") else str(value)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().contiguous().numpy()
         with self.lock:
-            result = self.request.infer({0: array})
-            return torch.from_numpy(result[self.compiled.output(0)].copy())
+            compiled, requests = self.compiled(len(array))
+            if len(requests) == 1 or len(array) == 1:
+                result = requests[0].infer({0: array})
+                return torch.from_numpy(result[compiled.output(0)].copy())
+            parts = torch.linspace(0, len(array), min(len(requests), len(array)) + 1).round().long().tolist()
+            running = list(zip(requests, parts[:-1], parts[1:]))
+            for request, start, end in running:
+                request.start_async({0: array[start:end]})
+            for request, _, _ in running:
+                request.wait()
+            return torch.cat([torch.from_numpy(request.get_output_tensor(0).data.copy()) for request, _, _ in running])
 
 
 def make_runner(backend: str, *, model: nn.Module | None, model_name: str, device: torch.device, precision: str,

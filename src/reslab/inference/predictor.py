@@ -60,9 +60,14 @@ def flip_probabilities(forward: Callable[[torch.Tensor], torch.Tensor], batch: t
 
 def resolve_tta(tta: str | None, meta: CheckpointMeta) -> str:
     """The test-time augmentation to use: the one asked for, else the one the checkpoint's training
-    found paying on its validation split (`extra["tta"]`), else none."""
+    found paying on its validation split (`extra["tta"]`, reslab.train.loop.choose_tta), else none.
+    A model trained without mirror images (`extra["flip"]` false: --no-flip, or a policy that does
+    not flip) is never flipped by default, whatever else its metadata says: its classes may not
+    survive a mirror (digits, text)."""
     if tta is not None:
         return check_tta(tta)
+    if meta.extra.get("flip") is False:
+        return "none"
     return meta.extra.get("tta") if meta.extra.get("tta") in TTA_MODES else "none"
 
 

@@ -48,11 +48,13 @@ def catalog(family: str | None = None, quiet: bool = False) -> list[dict]:
         except (OSError, ValueError):
             rows = None
     if rows is None:
+        from rich.console import Console
         from rich.progress import track
 
         names = list_models()
+        # The bar goes to stderr: stdout holds the table, and `reslab models | grep` must see only that.
         rows = [_measure_row(n) for n in track(names, description="measuring models", disable=quiet,
-                                                transient=True)]
+                                                transient=True, console=Console(stderr=True))]
         try:
             write_text(path, json.dumps(rows))
         except OSError:

@@ -492,6 +492,12 @@ ARCHS = {
 _TRANSFORM_INPUT = ((0.229, 0.485), (0.224, 0.456), (0.225, 0.406))
 
 
+def transform_input(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's transform_input (above); a function, so a headless backbone runs it too."""
+    channels = [x[:, i : i + 1] * (std / 0.5) + (mean - 0.5) / 0.5 for i, (std, mean) in enumerate(_TRANSFORM_INPUT)]
+    return torch.cat(channels, 1)
+
+
 def _build(item: Item, in_channels: int, style: Style) -> tuple[nn.Module, int]:
     if isinstance(item, str):
         return make_layer(item, in_channels, style)
@@ -564,14 +570,9 @@ class InceptionNet(nn.Module):
                 if isinstance(m, InceptionModule) and m.residual:
                     m.zero_init_last()
 
-    def _transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        channels = [x[:, i : i + 1] * (std / 0.5) + (mean - 0.5) / 0.5
-                    for i, (std, mean) in enumerate(_TRANSFORM_INPUT)]
-        return torch.cat(channels, 1)
-
     def _body(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.transform_input:
-            x = self._transform_input(x)
+            x = transform_input(x)
         aux = []
         for name in self.body_names:
             x = getattr(self, name)(x)

@@ -17,6 +17,7 @@ from torch import nn
 
 from reslab.errors import ReslabError
 from reslab.models.blocks import BLOCKS
+from reslab.models.features import FeatureExtractor, pop_feature_options
 from reslab.models.inception import ARCHS, Arch, InceptionNet
 from reslab.models.resnet import FAMILY_STEMS, SHORTCUTS, STEMS, ResNet
 
@@ -202,20 +203,24 @@ def create_model(name: str, **options) -> nn.Module:
     "deep": three 3x3 convs and the max pool, as timm's resnet*d). GoogLeNet and Inception-v3:
     `aux_logits` (False; the auxiliary classifiers, trained but unused at inference) and
     `transform_input` (False; torchvision's re-scaling of ImageNet-normalized input for their
-    ported weights).
+    ported weights). `features_only=True` (with `out_indices`, default every level) returns the
+    headless backbone whose forward gives a list of feature maps, described by its `feature_info`
+    (reslab.models.features).
     """
     spec = get_model_spec(name)
+    features_only, out_indices = pop_feature_options(name, options)
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ReslabError(f"create_model({name!r}): unknown option(s) {', '.join(unknown)}; "
-                          f"valid options: {', '.join(OPTIONS)}")
+                          f"valid options: {', '.join(OPTIONS)}, features_only, out_indices")
     num_classes = options.pop("num_classes", spec.num_classes)
     in_channels = options.pop("in_channels", 3)
     for key, value, low in (("num_classes", num_classes, 0), ("in_channels", in_channels, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ReslabError(f"create_model({name!r}): {key} must be an integer >= {low}, got {value!r}")
     build = _build_inception if isinstance(spec, InceptionSpec) else _build_resnet
-    return build(spec, num_classes=num_classes, in_channels=in_channels, **options)
+    model = build(spec, num_classes=num_classes, in_channels=in_channels, **options)
+    return FeatureExtractor(model, out_indices, name) if features_only else model
 
 
 def _build_resnet(spec: ModelSpec, *, num_classes: int, in_channels: int, shortcut=None, stride_in_1x1=False,

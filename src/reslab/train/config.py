@@ -20,8 +20,10 @@ The paper divides the lr by 10 at 32k and 48k of 64k iterations: 50% and 75% of 
 A photo folder trained from scratch with the fast recipe takes its own defaults where options are
 left out: the model, input size, epochs, SGD learning rate and ingredients (augmentation policy,
 random erasing, mixup, cutmix, EMA) of `reslab.data.folder.PHOTO_DEFAULTS`, chosen by measurement
-(benchmarks/RESULTS.md, "Small photo folders"). Other data (digits, CIFAR) keep resnet20 and
-every ingredient off.
+(benchmarks/RESULTS.md, "Small photo folders"); small images (28-40 px) take resnet20 at 32 px with
+the recipe's lr, the folder policy and no training mirror instead ("Small images: defaults measured"). An explicit
+--model drops only the model's stem and input size from them. Other data (digits, CIFAR) keep
+resnet20 and every ingredient off.
 
 `budget` (seconds) leaves `epochs` open: the trainer measures this machine's step and evaluation
 times, then fixes the epochs that fit (`with_epochs`); config.json records the epochs so chosen.
@@ -101,6 +103,7 @@ class TrainConfig:
     early_stop: int | None = None  # patience in epochs without a better val accuracy; None: off
     val_split: float | None = None  # None: the data's default
     augment: str | None = None  # None: the data's default policy
+    flip: bool | None = None  # mirror training images; None: the policy's own (small-image folders: off)
     random_erasing: float | None = None  # probability of erasing a rectangle of each image; 0: off
     mixup: float | None = None  # Beta alpha of mixup; 0: off
     cutmix: float | None = None  # Beta alpha of cutmix; 0: off (with mixup too: one of them per batch)
@@ -117,6 +120,7 @@ class TrainConfig:
     layer_decay: float | None = None  # lr of each earlier part / the next one's (finetune 0.5, else 1)
     aux_logits: bool = False  # Inception nets' auxiliary classifiers, weighted into the loss
     quiet: bool = False
+    log: str | None = None  # "tensorboard": event files in the run directory too (reslab.train.tensorboard)
     device: str | None = None  # None: cuda when available, else cpu
     no_decay_norm_bias: bool | None = None  # None: the recipe's (fast: True, paper: False)
     # Several processes (reslab.train.distributed, docs/distributed.md): batch_size is the global
@@ -236,6 +240,8 @@ class TrainConfig:
         if self.ema >= 1:
             raise ReslabError(f"--ema is the decay per step of the weights' average, in [0, 1) (e.g. 0.99; 0 is off), "
                               f"got {self.ema!r}")
+        if self.flip is not None and not isinstance(self.flip, bool):
+            raise ReslabError(f"--flip is on or off (true or false), got {self.flip!r}")
         if self.stem is not None:
             from reslab.models.resnet import STEMS
 
@@ -274,6 +280,9 @@ class TrainConfig:
             raise ReslabError(f"--freeze {self.freeze} freezes pretrained layers; give --pretrained SRC too")
         if self.pretrained_sha256 is not None and self.pretrained is None:
             raise ReslabError("--pretrained-sha256 checks pretrained weights; give --pretrained SRC too")
+        from reslab.train.tensorboard import check_log
+
+        check_log(self.log)
 
     def _check_batch_fits(self) -> None:
         # A lower bound: the float input batch alone (3 channels at most), before any activation.
@@ -290,7 +299,8 @@ class TrainConfig:
 def photo_defaults(cfg: TrainConfig) -> dict:
     """The photo-folder defaults (reslab.data.folder.photo_choice: PHOTO_DEFAULTS for this folder's
     image size and count) that apply to `cfg`: a folder trained from scratch with the fast recipe;
-    the model's stem and input size only with the model."""
+    the model's stem and input size only with the model. An explicit --model keeps the rest (epochs,
+    lr, augmentation, mirror, ingredients): they are the folder's, measured (folder.PHOTO_MODEL_CHOICE)."""
     from reslab.data.folder import PHOTO_MODEL_CHOICE, is_image_folder, photo_choice
 
     if cfg.recipe != "fast" or cfg.pretrained is not None or not is_image_folder(cfg.data):
@@ -302,7 +312,7 @@ def photo_defaults(cfg: TrainConfig) -> dict:
     if cfg.budget is not None:
         chosen.pop("epochs")
     if cfg.optimizer not in (None, "sgd"):
-        chosen.pop("lr")  # an SGD learning rate; Adam's comes from the recipe
+        chosen.pop("lr", None)  # an SGD learning rate; Adam's comes from the recipe
     return chosen
 
 

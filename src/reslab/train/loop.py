@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from reslab.checkpoint import BEST, LAST, CheckpointMeta, read_weights, save_weights, unwrap
+from reslab.data.augment import get_policy
 from reslab.errors import ReslabError
 from reslab.hardware import default_device, describe, resolve_precision, train_channels_last
 from reslab.io import write_json
@@ -46,6 +47,7 @@ from reslab.train.config import TrainConfig, format_duration
 from reslab.train.distributed import DistContext
 from reslab.train.schedule import budget_epochs, lr_multiplier, set_lr
 from reslab.train.state import EpochRow, PartialEpoch, Progress
+from reslab.train.tensorboard import event_log
 
 # Host syncs (loss to Python for the progress bar and the NaN check) happen once per this many
 # steps; a GPU step then never waits on the host.
@@ -217,11 +219,14 @@ class _Bar:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            from reslab.console import live_bars_work
+
             self.console = Console(stderr=True)
             self.bar = Progress(
                 TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  {task.fields[ips]:.0f} img/s"),
                 TimeRemainingColumn(), console=self.console, transient=True,
+                disable=not live_bars_work(self.console),
             )
 
     def __enter__(self):
@@ -274,6 +279,7 @@ class Run:
     record: dict = dataclasses.field(default_factory=dict)  # config.json's content besides the config
     budget: dict | None = None  # how a --budget run chose its epochs (config.json's "budget")
     curves_drawn: float | None = None  # clock() when curves.png was last drawn
+    log: Any = None  # reslab.train.tensorboard.EventLog: rank 0 with --log tensorboard
 
     def set_lr(self, step: int) -> float:
         """The lr of global step `step` (0-based) set on the optimizer; returns the first group's.
@@ -296,8 +302,10 @@ class Run:
             freeze(self.model, "all-but-head" if epoch < self.cfg.head_epochs else self.cfg.freeze or "none")
 
     def meta(self, epoch: int, val_acc: float | None, weights: str = "model") -> CheckpointMeta:
+        # "flip": whether training mirrored the images; a model that never saw a mirror image is never
+        # flipped at test time by default (reslab.inference.predictor.resolve_tta).
         extra = {"epoch": epoch, "val_acc": val_acc, "data": self.cfg.data, "seed": self.cfg.seed,
-                 "val_split": self.cfg.val_split, "run": self.dir.name}
+                 "val_split": self.cfg.val_split, "run": self.dir.name, "flip": self.record.get("flip")}
         if self.ema is not None:
             extra["weights"] = weights  # "ema": the exponential moving average of the weights
         return CheckpointMeta(**self.weights_meta, extra=extra)
@@ -313,9 +321,10 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     if ctx is None:  # this process alone, `nproc` launched ones, or this rank of torchrun's job
         return distributed.run(train, config, stop=stop)
     started = clock()
-    with _run_directory(config, ctx) as (cfg, run_dir, state):
+    with _run_directory(config, ctx) as (cfg, run_dir, state), contextlib.ExitStack() as open_logs:
         run = _setup(cfg, ctx, run_dir, state)
         p = run.progress
+        run.log = open_logs.enter_context(event_log(cfg.log, run_dir, p.global_step, ctx.is_main))
         with sigint_flag() as interrupted, _Bar(ctx.is_main and not cfg.quiet) as bar:
             for line in _photo_lines(config, cfg):
                 bar.print(line)
@@ -372,12 +381,16 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[st
         halted = ctx.any(halt(i + 1))  # every rank stops at the same step
         if halted or (i + 1) % SYNC_EVERY == 0 or i + 1 == len(run.loader):
             _stop_if_not_finite(run, int(first_bad), lr)
+            if run.log is not None:
+                run.log.step_loss(p.global_step, loss)
             loss_sum, correct_sum = loss_correct.tolist()
             elapsed = before.seconds + clock() - start
             bar.update(i + 1, loss_sum / count, correct_sum / count, count / max(elapsed, 1e-9))
         if halted:
             break
-    seconds = clock() - start
+    # The job's time, the same on every rank: its slowest rank's (each rank's clock starts when it
+    # enters the epoch, rank 0 after writing the last one's files).
+    seconds = ctx.max(clock() - start)
     loss_sum, correct_sum = loss_correct.tolist()
     totals = ctx.all_reduce_sums({"loss": loss_sum, "correct": correct_sum, "count": count})
     p.train_seconds += seconds
@@ -432,8 +445,10 @@ def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None
         _checkpoint(run)
         # Drawing the curves costs a short epoch's worth of time: at most every CURVES_EVERY seconds,
         # and at the end.
-        _write_records(run, curves=p.stopped != "running" or run.curves_drawn is None
-                       or clock() - run.curves_drawn >= CURVES_EVERY)
+        curves = p.stopped != "running" or run.curves_drawn is None or clock() - run.curves_drawn >= CURVES_EVERY
+        _write_records(run, curves=curves)
+        if run.log is not None:
+            run.log.epoch(row, p.global_step, run.dir / run_files.CURVES if curves else None)
 
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -468,46 +483,74 @@ def _finish(run: Run, started: float) -> dict:
         _draw_curves(run)  # the epochs since the last drawing
     if ctx.is_main:
         write_json(run.dir / run_files.SUMMARY, result)
+    if run.log is not None and (run.val_loader or run.test_loader) is not None:
+        run.log.samples(run.model, run.val_loader or run.test_loader, run.weights_meta["classes"], p.global_step)
     return result
 
 
-class _FlipAveraged(nn.Module):
-    """`model` with test-time augmentation "flip", as log-probabilities: the log of what
-    reslab.inference.Predictor computes for --tta flip (its flip_probabilities)."""
+# Test-time flip must beat no flip by more than this many standard errors of the paired difference,
+# and by more than TTA_MIN_IMAGES images (see choose_tta).
+TTA_MIN_SE, TTA_MIN_IMAGES = 2.0, 2
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from reslab.inference.predictor import flip_probabilities
+def choose_tta(gained: int, lost: int) -> bool:
+    """Whether test-time flipping pays, from the validation images it turned right (`gained`) and
+    wrong (`lost`) against no flipping (the images both get right or both get wrong say nothing).
 
-        return torch.log(flip_probabilities(self.model, x))
+    Flipping doubles the cost of every later prediction, so it has to pay clearly, not by chance.
+    If it made no difference in expectation, each of the g + l images on which the two disagree
+    would go either way with probability 1/2 (McNemar's test), so g - l has mean 0 and standard
+    deviation sqrt(g + l). Flip is chosen when g - l exceeds TTA_MIN_SE = 2 of those standard
+    errors (a chance gain that large is about 2% likely) and TTA_MIN_IMAGES = 2 images (with few
+    disagreements the normal approximation fails, and one or two images are noise whatever the
+    ratio). E.g. 12 gained and 5 lost: 7 > max(2, 2 x 4.1) is false, flip not chosen; 40 and 15: 25
+    > 2 x 7.4, chosen."""
+    return gained - lost > max(TTA_MIN_IMAGES, TTA_MIN_SE * (gained + lost) ** 0.5)
+
+
+def flip_sums(model: nn.Module, loader, precision: str) -> torch.Tensor:
+    """[count, correct without flip, correct with flip, gained, lost] over a loader, as sums so ranks
+    can add them; "with flip" is reslab.inference.Predictor's --tta flip (flip_probabilities)."""
+    from reslab.inference.predictor import flip_probabilities
+
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for x, y in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                plain = model(x).argmax(1) == y
+                flipped = flip_probabilities(model, x).argmax(1) == y
+            sums += torch.stack([torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+                                 plain.sum().double(), flipped.sum().double(), (flipped & ~plain).sum().double(),
+                                 (plain & ~flipped).sum().double()])
+    return sums
 
 
 def _flips(run: Run) -> bool:
     """Whether test-time flipping is worth measuring: a photo folder with a validation split, trained
-    with mirrored images (so the model has seen both sides)."""
-    from reslab.data.augment import get_policy
+    with mirrored images (a model that never saw a mirror image is not asked about one)."""
     from reslab.data.folder import is_image_folder
 
-    augment = run.record.get("augment")
-    return (run.val_loader is not None and augment is not None and get_policy(augment).flip
-            and is_image_folder(run.cfg.data))
+    return run.val_loader is not None and bool(run.record.get("flip")) and is_image_folder(run.cfg.data)
 
 
 def _measure_tta(run: Run) -> dict:
-    """Validation accuracy of the best weights (loaded in run.model) without and with "flip". If
-    flipping is more accurate, best.safetensors records it (extra "tta") and evaluate/predict use
-    it by default; both accuracies are recorded either way (extra "tta_val_acc")."""
-    accs = {mode: evaluate(model, run.val_loader, run.precision, run.ctx)["acc"]
-            for mode, model in (("none", run.model), ("flip", _FlipAveraged(run.model)))}
-    chosen = "flip" if accs["flip"] > accs["none"] else "none"
+    """Validation accuracy of the best weights (loaded in run.model) without and with "flip", and the
+    images flipping turned right and wrong. If flipping pays by choose_tta's margin, best.safetensors
+    records it (extra "tta") and evaluate/predict/serve use it by default; the accuracies are recorded
+    either way (extra "tta_val_acc")."""
+    keys = ("count", "none", "flip", "gained", "lost")
+    sums = dict(zip(keys, flip_sums(run.model, run.val_loader, run.precision).tolist()))
+    sums = run.ctx.all_reduce_sums(sums)
+    gained, lost = round(sums["gained"]), round(sums["lost"])
+    accs = {mode: sums[mode] / sums["count"] for mode in ("none", "flip")}
+    chosen = "flip" if choose_tta(gained, lost) else "none"
     if run.ctx.is_main and (run.dir / BEST).is_file():
         meta = read_weights(run.dir / BEST)[1]
-        meta.extra.update(tta=chosen, tta_val_acc=accs)
+        meta.extra.update(tta=chosen, tta_val_acc=accs, tta_gained_lost=[gained, lost])
         save_weights(run.dir / BEST, run.model, meta)
-    return {"tta": chosen, "tta_val_acc": accs}
+    return {"tta": chosen, "tta_val_acc": accs, "tta_gained_lost": [gained, lost]}
 
 
 # --- set-up ----------------------------------------------------------------------------------
@@ -542,6 +585,9 @@ def _resumed_config(config: TrainConfig, saved: dict, run_dir: Path) -> TrainCon
         saved = {"random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, **saved}
         if saved.get("augment") is None and saved.get("recipe", "fast") == "fast" and not saved.get("pretrained"):
             saved["augment"] = _saved_record(run_dir).get("augment")
+    if "flip" not in saved:  # saved before --flip: it ran with its policy's own mirror, whatever today's defaults
+        augment = saved.get("augment") or _saved_record(run_dir).get("augment")
+        saved = {**saved, "flip": get_policy(augment).flip if augment else None}
     cfg = TrainConfig.from_dict(saved)
     cfg.resume, cfg.quiet, cfg.out = str(run_dir), config.quiet, str(run_dir)
     cfg.nproc, cfg.dist_timeout = config.nproc, config.dist_timeout  # may differ from the first run's
@@ -590,10 +636,11 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
         if progress.stopped == "interrupted" or (progress.stopped == "completed" and progress.epoch < cfg.epochs):
             progress.stopped = "running"
     augment = cfg.augment or bundle.augment
+    flip = get_policy(augment, cfg.flip).flip  # what the training images really get (--flip/--no-flip)
     loaders = _loaders(cfg, ctx, bundle, plan.per_rank_batch, augment=augment, device=device,
                        channels_last=channels_last, mean=preprocessing["mean"], std=preprocessing["std"])
     record = {"data": bundle.source, "classes": list(bundle.classes), "preprocessing": preprocessing,
-              "augment": augment, "precision": precision, "channels_last": channels_last,
+              "augment": augment, "flip": flip, "precision": precision, "channels_last": channels_last,
               "hardware": describe(), "world_size": ctx.world_size, **reports}
     weights_meta = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
                         preprocessing=preprocessing)
@@ -622,6 +669,7 @@ def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
     if "lr" in chosen:
         parts.append(f"--lr {cfg.lr:g}")
     parts += [f"--augment {cfg.augment}"] if "augment" in chosen else []
+    parts += ["--no-flip"] if chosen.get("flip") is False else []
     parts += [f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in ("random_erasing", "mixup", "cutmix", "ema")
               if k in chosen]
     why = photo_choice(given.data)[1]
@@ -756,7 +804,7 @@ def _loaders(cfg: TrainConfig, ctx: DistContext, bundle, batch: int, *, augment:
 
     # A last batch of one example would make BatchNorm's batch variance undefined; drop just that.
     per_rank = -(-len(bundle.train) // ctx.world_size)
-    train = BatchLoader(bundle.train, batch, shuffle=True, seed=cfg.seed, augment=augment,
+    train = BatchLoader(bundle.train, batch, shuffle=True, seed=cfg.seed, augment=augment, flip=cfg.flip,
                         drop_last=per_rank % batch == 1, rank=ctx.rank, world_size=ctx.world_size,
                         erasing=cfg.random_erasing, mixup=cfg.mixup, cutmix=cfg.cutmix,
                         num_classes=len(bundle.classes), **options)

@@ -145,14 +145,19 @@ def create_model(name: str, pretrained: bool = False, **options) -> nn.Module:
     """reslab.models.create_model, plus the catalog: `create_model("resnet50.tv2_in1k", pretrained=True)`
     (a fresh head when `num_classes` differs from the weights'), `create_model("resnet50", pretrained=True)`
     (its best ImageNet weights), `create_model("resnet50.tv2_in1k")` (the architecture those weights
-    need, randomly initialized, as timm does)."""
+    need, randomly initialized, as timm does). `features_only=True` (and `out_indices`) makes any of
+    them a headless backbone (reslab.models.features), the pretrained weights loaded first."""
     from reslab.models import create_model as build
+    from reslab.models.features import FeatureExtractor, pop_feature_options
 
     if not pretrained and "." not in name:
         return build(name, **options)
     entry = get_weights(name) if "." in name else default_weights(name)
+    features_only, out_indices = pop_feature_options(name, options)
+    if not pretrained and features_only:
+        return build(entry.model, **{**entry.model_options, **options}, features_only=True, out_indices=out_indices)
     if not pretrained:
         return build(entry.model, **{"num_classes": len(entry.class_names()), **entry.model_options, **options})
     num_classes = options.pop("num_classes", None)
     model, _ = load_pretrained_model(entry.name, num_classes=num_classes, **options)
-    return model
+    return FeatureExtractor(model, out_indices, name) if features_only else model
