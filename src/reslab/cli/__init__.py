@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("models", "list the registered models with parameters and MACs"),
     "summary": ("summary", "layer table of a model, residual adds included"),
     "train": ("train", "train a model (default: resnet20 on the embedded digits)"),
-    "evaluate": ("evaluate", "top-1/top-5, per-class accuracy, confusion matrix, sample grid"),
+    "evaluate": ("evaluate", "top-1/top-5, per-class precision/recall/F1, confusion matrix, sample grid, top losses"),
     "predict": ("predict", "top-k classes for images"),
     "export": ("export", "export to ONNX or OpenVINO, checked against PyTorch"),
     "bench": ("bench", "training or inference throughput"),
