@@ -47,9 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without a better val accuracy")
     add("--val-split", type=float, help="fraction of the training data held out for validation")
     add("--augment", help="augmentation policy: none, cifar, folder, keras, trivial (default: the data's; a photo "
-                          "folder from scratch: trivial, or folder for small images)")
+                          "folder from scratch: trivial, or folder for small gray images)")
     add("--flip", action=argparse.BooleanOptionalAction, default=None,
-        help="mirror training images left to right at random (default: off for a folder of small images, 40 px "
+        help="mirror training images left to right at random (default: off for a folder of small gray images, 40 px "
              "or less, else the --augment policy's own: on for photos and CIFAR); --no-flip for data a mirror "
              "changes (digits, text); recorded in the weights, and evaluate, predict and serve then never flip "
              "by default")

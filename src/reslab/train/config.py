@@ -20,10 +20,10 @@ The paper divides the lr by 10 at 32k and 48k of 64k iterations: 50% and 75% of 
 A photo folder trained from scratch with the fast recipe takes its own defaults where options are
 left out: the model, input size, epochs, SGD learning rate and ingredients (augmentation policy,
 random erasing, mixup, cutmix, EMA) of `reslab.data.folder.PHOTO_DEFAULTS`, chosen by measurement
-(benchmarks/RESULTS.md, "Small photo folders"); small images (28-40 px) take resnet20 at 32 px with
-the recipe's lr, the folder policy and no training mirror instead ("Small images: defaults measured"). An explicit
---model drops only the model's stem and input size from them. Other data (digits, CIFAR) keep
-resnet20 and every ingredient off.
+(benchmarks/RESULTS.md, "Small photo folders"); small images (40 px or less) take resnet20 at 32 px,
+and small gray ones also the recipe's lr, the folder policy and no training mirror ("Small images:
+defaults measured"). An explicit --model drops only the model's stem and input size from them.
+Other data (digits, CIFAR) keep resnet20 and every ingredient off.
 
 `budget` (seconds) leaves `epochs` open: the trainer measures this machine's step and evaluation
 times, then fixes the epochs that fit (`with_epochs`); config.json records the epochs so chosen.
@@ -103,7 +103,7 @@ class TrainConfig:
     early_stop: int | None = None  # patience in epochs without a better val accuracy; None: off
     val_split: float | None = None  # None: the data's default
     augment: str | None = None  # None: the data's default policy
-    flip: bool | None = None  # mirror training images; None: the policy's own (small-image folders: off)
+    flip: bool | None = None  # mirror training images; None: the policy's own (small gray folders: off)
     random_erasing: float | None = None  # probability of erasing a rectangle of each image; 0: off
     mixup: float | None = None  # Beta alpha of mixup; 0: off
     cutmix: float | None = None  # Beta alpha of cutmix; 0: off (with mixup too: one of them per batch)
