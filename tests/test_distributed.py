@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -205,26 +204,6 @@ def test_the_failing_rank_is_named_even_when_its_peer_exits_first(capfd):
     with pytest.raises(ReslabError, match="process 1 of 2 failed"):
         D.launch(2, _crash_on_rank_1, 3.0)
     assert "rank 0: lost contact with another rank" in capfd.readouterr().err
-
-
-def _train_a_step(ctx: D.DistContext) -> None:
-    model = D.wrap(nn.Linear(2, 2), ctx)  # DDP's constructor imports torch._dynamo the first time
-    model(torch.ones(2, 2)).sum().backward()
-
-
-def _threads_after_the_session() -> list[str]:
-    with D.session("cpu", timeout=60) as ctx:
-        _train_a_step(ctx)  # returns, as train() does, before the session ends: no model holds the group
-    return sorted(Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
-def test_the_process_group_ends_with_the_session_not_at_exit():
-    # Threads of the group still running at the interpreter's exit made 1 two-process run in 12
-    # abort (issue 20): the group was kept alive by a default argument bound by an import that
-    # DDP's constructor made after the group existed (see distributed._import_before_the_group).
-    assert [name for name in D.launch(2, _threads_after_the_session) if "gloo" in name] == []
 
 
 def test_launch_refuses_a_bad_process_count():

@@ -220,30 +220,13 @@ def init(device: str | torch.device = "cpu", timeout: float | None = None) -> Di
                     "give torchrun --nproc_per_node at most the number of GPUs"
                 )
             torch.cuda.set_device(env["local_rank"])
-        _import_before_the_group()
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=seconds)
     backend = dist.get_backend()
     host_group = dist.new_group(backend="gloo", timeout=seconds) if backend == "nccl" else None
     return DistContext(dist.get_rank(), dist.get_world_size(), env["local_rank"], backend, host_group)
 
 
-def _import_before_the_group() -> None:
-    """Import now what would otherwise keep the process group alive after shutdown().
-
-    torch.distributed.nn.functional gives its functions the default group as a default argument
-    (`group=group.WORLD`), bound when the module is first imported, and DistributedDataParallel's
-    constructor imports it (through torch._dynamo). Imported after the group exists, those default
-    arguments hold the group for the rest of the process: destroy_process_group unlists it but
-    cannot free it, so its gloo threads (the TCP event loop and two workers) were still running
-    when the interpreter exited, and now and then the exit and those threads collided: SIGABRT,
-    "terminate called without an active exception" (issue 20: 1 two-process run in 12;
-    benchmarks/RESULTS.md, "DDP teardown"). Imported before the group exists, they hold None.
-    """
-    import torch.distributed.nn.functional  # noqa: F401
-
-
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group: its threads and connections end here, not at the interpreter's exit."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -281,10 +264,6 @@ def session(device: str | torch.device = "cpu", timeout: float | None = None) ->
     ctx = init(device, seconds)
     try:
         yield ctx
-        # Every rank done with every collective before any rank closes its connections: a rank may
-        # leave a collective while a peer still reads the bytes it sent last. A failing rank skips
-        # this (its peers may be gone), and a failure here is said as any other collective's.
-        ctx.barrier()
     except Exception as err:
         lost_peer = _collective_failure(err, ctx, seconds) if ctx.enabled else None
         if lost_peer is not None:
