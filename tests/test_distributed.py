@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +207,44 @@ def test_the_failing_rank_is_named_even_when_its_peer_exits_first(capfd):
     with pytest.raises(ReslabError, match="process 1 of 2 failed"):
         D.launch(2, _crash_on_rank_1, 3.0)
     assert "rank 0: lost contact with another rank" in capfd.readouterr().err
+
+
+# Issue 20: a rank that joined a gloo group aborted now and then at the interpreter's exit (the
+# group's threads outlive it and meet the C++ destructors). A rank now leaves with os._exit once its
+# work is done and flushed: the proof that it does is that no exit-time handler registered before
+# that point runs. benchmarks/bench_ddp_loop.py loops the real commands.
+
+_FINISH = """
+import atexit, sys
+from reslab.train import distributed as D
+D._joined_group = {joined}
+atexit.register(lambda: print("finalized", flush=True))
+print("output kept", end="")
+D.finish(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_the_command_line_exit_skips_finalization_only_in_a_rank(joined):
+    done = subprocess.run([sys.executable, "-c", _FINISH.format(joined=joined)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 3
+    assert done.stdout == ("output kept" if joined else "output kept" + "finalized\n"), done.stdout
+
+
+def _register_exit_marker(marker: str) -> int:
+    import atexit
+
+    # Registered inside the rank's work: it would run at a normal exit, after the launcher's own handler.
+    atexit.register(Path(f"{marker}.{os.environ['RANK']}").write_text, "finalized")
+    return int(os.environ["RANK"]) + 40
+
+
+@pytest.mark.slow
+def test_launched_ranks_return_their_result_and_leave_without_finalization(tmp_path):
+    marker = tmp_path / "exit"
+    assert D.launch(2, _register_exit_marker, str(marker)) == 40  # rank 0's result still reaches the caller
+    assert not list(tmp_path.glob("exit.*"))
 
 
 def test_launch_refuses_a_bad_process_count():

@@ -107,8 +107,8 @@ def _torchrun(nproc: int, logs: Path) -> list[str]:
 
 
 def test_two_process_torchrun_runs_end_cleanly_and_print_once(folder, tmp_path):
-    # Issue 20: 1 such run in 12 died at exit with SIGABRT (the process group outlived the run, see
-    # reslab.train.distributed._import_before_the_group), and every rank printed its own end line.
+    # Issue 20: 1 such run in 12 died at exit with SIGABRT (the process group's threads met the
+    # interpreter's exit, see reslab.train.distributed.end_process), and every rank printed its own end line.
     # Three runs here; benchmarks/bench_ddp_loop.py runs 30 of each launcher.
     for i in range(3):
         cmd = [*_torchrun(2, tmp_path / "logs"), "-m", "reslab", "train", "--data", str(folder), "--epochs", "1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,10 +20,12 @@ from reslab.experiments import (
     GradientsConfig,
     InceptionConfig,
     ResponsesConfig,
+    Table6Config,
     run_degradation,
     run_gradients,
     run_inception,
     run_responses,
+    run_table6,
 )
 from reslab.experiments.common import residual_branch_outputs, weight_layers
 from reslab.experiments.inception import DEFAULT_MODELS, plain_twin
@@ -240,3 +243,173 @@ def test_inception_experiment_refuses_bad_settings(capsys):
     assert main(["experiment", "inception", "plain56", "plain56"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "plain56" in err
+
+
+# --- CIFAR-10 at the paper's scale, in miniature: a fake archive in the real format -----------------
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    """A fake cifar-10-python.tar.gz (30 random images a batch: 150 to train on, 30 to test) given as
+    a path, and extracted into the cache as the named `cifar10` would be after its download."""
+    import hashlib
+
+    import test_data_cifar
+    from reslab.data import cifar as cifar_data
+
+    root = tmp_path_factory.mktemp("cifar")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(test_data_cifar, "PER_BATCH", 30)
+    tarball, _ = test_data_cifar.make_cifar10_tarball()
+    archive = dataclasses.replace(cifar_data.ARCHIVES["cifar10"], md5=hashlib.md5(tarball).hexdigest())
+    mp.setitem(cifar_data.ARCHIVES, "cifar10", archive)
+    mp.setenv("RESLAB_CACHE", str(root / "cache"))
+    path = root / "cifar-10-python.tar.gz"
+    path.write_bytes(tarball)
+    cifar_data._extract(path, root / "cache", archive, "")
+    yield path
+    mp.undo()
+
+
+def test_degradation_on_a_cifar_archive_continues_a_killed_experiment(cifar, tmp_path, one_thread):
+    out = tmp_path / "killed"
+    config = DegradationConfig(data=str(cifar), depths=[8], epochs=2, batch_size=32, image_size=8, precision="fp32",
+                               out=str(out), quiet=True)
+    trained = []
+
+    def kill_resnet8_in_epoch_2(name, epoch, step):
+        trained.append((name, epoch, step))
+        return (name, epoch, step) == ("resnet8", 2, 1)
+
+    with pytest.raises(ReslabError, match=f"resnet8 stopped at epoch 2 .*--resume {out}"):
+        run_degradation(config, stop=kill_resnet8_in_epoch_2)
+    assert not (out / "summary.json").exists() and (out / "resnet8" / "last.state.pt").is_file()
+    plain_weights = (out / "plain8" / "last.safetensors").read_bytes()
+    trained.clear()
+    with pytest.raises(ReslabError, match="--epochs 3 differs from its 2"):
+        DegradationConfig.resumed(str(out), epochs=3)
+    with pytest.raises(ReslabError, match="already holds a degradation experiment; continue it with --resume"):
+        run_degradation(config)
+
+    summary = run_degradation(DegradationConfig.resumed(str(out), quiet=True),
+                              stop=lambda *where: trained.append(where) and False)
+    # plain8 finished before the kill: read back, not trained; resnet8 went on from its checkpoint.
+    steps = 5  # 135 training images (the paper's 10 % held out) at batch 32; the last 7 are a batch too
+    assert trained == [("resnet8", 2, s) for s in range(2, steps + 1)]
+    assert (out / "plain8" / "last.safetensors").read_bytes() == plain_weights
+    settings = summary["settings"]
+    assert settings["val_split"] == 0.1 and settings["iterations_per_epoch"] == steps
+    assert settings["train_config"]["val_split"] == 0.1
+    for m in summary["models"].values():
+        assert m["final_val_error"] is not None and m["test_error"] is not None  # bold curve, and the test pass
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["epoch"], r["iteration"]) for r in rows] == [
+        (n, str(e), str(e * steps)) for n in ("plain8", "resnet8") for e in (1, 2)]
+    assert png_size(out / "degradation.png")[0] > 0
+
+
+def test_degradation_paper_recipe_takes_its_own_lr():
+    assert DegradationConfig().train_config("plain20", Path("x")).resolve().lr == 0.05
+    assert DegradationConfig(recipe="paper").train_config("plain20", Path("x")).resolve().lr == 0.1
+    assert DegradationConfig(data="digits").resolved_val_split() is None  # the digits' own split
+    assert DegradationConfig(data="cifar10").resolved_val_split() == 0.1
+
+
+def test_table6_on_cifar10_reports_each_depth_over_seeds_beside_the_paper(cifar, tmp_path, capsys, one_thread,
+                                                                         monkeypatch):
+    out = tmp_path / "t6"
+    args = ["experiment", "table6", "--data", "cifar10", "--depths", "20", "8", "--seeds", "0", "1", "--epochs", "1",
+            "--precision", "fp32", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ResNet-20" in printed and "8.75%" in printed and "test err mean +- std" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluated_on"] == "test" and summary["complete"]
+    assert [d["depth"] for d in summary["depths"]] == [8, 20]
+    runs = summary["runs"]
+    assert [(r["depth"], r["seed"]) for r in runs] == [(8, 0), (8, 1), (20, 0), (20, 1)]
+    for run in runs:
+        run_dir = Path(run["run_dir"])
+        assert run_dir.name == f"resnet{run['depth']}-seed{run['seed']}"
+        trained = json.loads((run_dir / "summary.json").read_text())
+        assert run["test_error"] == pytest.approx(1 - trained["test_acc"])
+        assert run["weights"] == "end of schedule" and trained["best_weights"] == "model" and run["epochs"] == 1
+        cfg = json.loads((run_dir / "config.json").read_text())["config"]
+        # The paper's recipe, section 4.2, on every image of the training set.
+        assert (cfg["recipe"], cfg["lr"], cfg["batch_size"], cfg["momentum"], cfg["nesterov"], cfg["weight_decay"],
+                cfg["schedule"], cfg["augment"], cfg["val_split"], cfg["seed"], cfg["label_smoothing"]) == (
+            "paper", 0.1, 128, 0.9, False, 1e-4, "step", "cifar", 0.0, run["seed"], 0.0)
+        assert cfg["no_decay_norm_bias"] is False and cfg["model"] == f"resnet{run['depth']}"
+    for entry in summary["depths"]:
+        assert list(entry) == ["depth", "runs", "test_error_mean", "test_error_std", "test_error_min",
+                               "test_error_max", "paper_test_error"]
+        errors = [r["test_error"] for r in runs if r["depth"] == entry["depth"]]
+        assert entry["runs"] == 2
+        assert entry["test_error_mean"] == pytest.approx(sum(errors) / 2)
+        assert entry["test_error_std"] == pytest.approx(abs(errors[0] - errors[1]) / math.sqrt(2))
+        assert (entry["test_error_min"], entry["test_error_max"]) == (min(errors), max(errors))
+    assert [d["paper_test_error"] for d in summary["depths"]] == [None, 0.0875]
+    assert png_size(out / "table6.png")[0] > 0
+    # With a validation split: the weights of the best validation epoch, tested once, after training.
+    from reslab.train import loop
+
+    evaluated = []  # the size of each split the trainer evaluates, in order
+    real_evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda model, loader, *a, **k: evaluated.append(len(loader.split))
+                        or real_evaluate(model, loader, *a, **k))
+    chosen = run_table6(Table6Config(data="cifar10", depths=[8], seeds=[0], epochs=2, val_split=0.1, precision="fp32",
+                                     out=str(tmp_path / "val"), quiet=True))
+    (run,) = chosen["runs"]
+    trained = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
+    assert run["weights"] == f"best validation (epoch {trained['best_epoch']})"
+    assert run["test_error"] == pytest.approx(1 - trained["test_acc"]) and trained["best_epoch"] in (1, 2)
+    assert json.loads((Path(run["run_dir"]) / "config.json").read_text())["config"]["val_split"] == 0.1
+    # The validation split (16 images) after each of the 2 epochs; the 30 test images once, last.
+    assert len(evaluated) == 3 and evaluated[0] == evaluated[1] == 16 and evaluated[2] == 30
+
+    # Resumed when finished: every run read back, nothing trained; a changed setting is refused.
+    before = {r["run_dir"]: (Path(r["run_dir"]) / "last.safetensors").stat().st_mtime_ns for r in runs}
+    assert main(["experiment", "table6", "--resume", str(out), "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["depths"] == summary["depths"]
+    assert {d: (Path(d) / "last.safetensors").stat().st_mtime_ns for d in before} == before
+    capsys.readouterr()
+    assert main(["experiment", "table6", "--resume", str(out), "--seeds", "0"]) == 2
+    assert "--seeds 0 differs from its 0 1" in capsys.readouterr().err
+
+
+def test_table6_on_a_folder_without_test_split_reports_validation_error(tmp_path, one_thread):
+    rng = np.random.default_rng(0)
+    for c in range(3):  # 150 images: 135 to train on once 10 % are held out, more than one batch of 128
+        (tmp_path / "data" / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(50):
+            pixels = rng.integers(0, 40, (8, 8, 3)) + 90 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "data" / "train" / f"class{c}" / f"{i}.png")
+    config = Table6Config(data=str(tmp_path / "data"), depths=[8], seeds=[3], epochs=1, precision="fp32",
+                          out=str(tmp_path / "t6"), quiet=True)
+    assert config.evaluated_on == "validation" and config.resolved_val_split() == 0.1
+    summary = run_table6(config)
+    assert summary["evaluated_on"] == "validation" and "no test split" in summary["definitions"]["test_error"]
+    (run,) = summary["runs"]
+    assert run["weights"] == "end of schedule" and run["test_error"] == run["final_val_error"] is not None
+    cfg = json.loads((Path(run["run_dir"]) / "config.json").read_text())["config"]
+    assert cfg["val_split"] == 0.1 and cfg["augment"] == "cifar" and cfg["seed"] == 3
+    (entry,) = summary["depths"]
+    assert entry["test_error_mean"] == run["test_error"] and entry["test_error_std"] is None and entry["runs"] == 1
+    with pytest.raises(ReslabError, match="no test split, so --val-split 0 leaves no held-out image"):
+        run_table6(dataclasses.replace(config, val_split=0.0, out=str(tmp_path / "none")))
+    assert not (tmp_path / "none").exists()  # refused before the folder was claimed
+
+
+def test_table6_warms_resnet110_up_and_refuses_bad_settings():
+    config = Table6Config(depths=[20, 110], epochs=4, val_split=0.1)
+    assert config.train_config(110, 0, Path("x")).resolve().warmup_epochs == 1.0
+    assert config.train_config(20, 0, Path("x")).resolve().warmup_epochs == 0.0
+    assert config.resolved_val_split() == 0.1 and Table6Config().resolved_val_split() == 0.0
+    assert Table6Config().depths == [20, 32, 44, 56, 110] and Table6Config().epochs == 182
+    with pytest.raises(ReslabError, match="6n\\+2"):
+        Table6Config(depths=[21])
+    with pytest.raises(ReslabError, match="twice"):
+        Table6Config(seeds=[1, 1])
+    with pytest.raises(ReslabError, match="no table6 experiment"):
+        Table6Config.resumed("/nonexistent/folder")

@@ -230,3 +230,46 @@ def test_third_party_option_a_checkpoint_loads_and_gives_the_authors_logits():
     confident = torch.tensor([0, 2])
     assert torch.equal(probs.argmax(1), flipped.argmax(1))
     assert torch.equal(probs[confident].argmax(1), jittered[confident].argmax(1))
+
+
+def test_myrtle_resnet9_has_pages_layers_and_parameter_count():
+    """David Page's DAWNBench net (reslab.models.myrtle), counted by hand from its layer list:
+    every conv 3x3 without bias, each BN 2 x width, the linear 512 x 10 without bias."""
+    conv_bn = lambda cin, cout: 9 * cin * cout + 2 * cout  # noqa: E731
+    by_hand = (conv_bn(3, 64)  # prep: 1,856
+               + conv_bn(64, 128) + 2 * conv_bn(128, 128)  # layer1 and its residual branch: 369,408
+               + conv_bn(128, 256)  # layer2: 295,424
+               + conv_bn(256, 512) + 2 * conv_bn(512, 512)  # layer3 and its residual branch: 5,901,312
+               + 512 * 10)  # linear: 5,120
+    assert by_hand == 6_573_120
+    model = create_model("myrtle_resnet9")
+    assert _params(model) == by_hand
+    spec = get_model_spec("myrtle_resnet9")
+    assert spec.family == "cifar" and spec.depth == 9 and spec.residual and "Page" in spec.source
+    assert model.linear.bias is None and model.classifier_name == "linear"
+    assert sum(isinstance(m, ResidualAdd) for m in model.modules()) == 2  # layer1 and layer3 only
+    assert not hasattr(model.layer2, "residual")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(x)
+    assert features.shape == (2, 512, 4, 4)  # three 2x2 max pools
+    # The logits are the bias-free linear of the max-pooled features, scaled by 0.125.
+    expected = 0.125 * model.linear(features.amax((2, 3)))
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    with pytest.raises(ReslabError, match="shortcut='B' cannot apply"):
+        create_model("myrtle_resnet9", shortcut="B")
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and create_model("myrtle_resnet9", num_classes=0)(x).shape == (2, 512)
+
+
+def test_myrtle_resnet9_trains_through_the_cli_on_digits(tmp_path, one_thread):
+    from reslab.cli import main
+
+    out = tmp_path / "run"
+    # 8 px, the digits' own size (32, the net's native input, costs 16x the arithmetic): 8 -> 4 -> 2 -> 1.
+    assert main(["train", "--model", "myrtle_resnet9", "--data", "digits", "--image-size", "8", "--epochs", "1",
+                 "--batch-size", "256", "--precision", "fp32", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "myrtle_resnet9" and summary["epochs"] == 1
+    assert summary["trainable_params"] == 6_573_120 - 2 * 64 * 9  # digits: one input channel, not three
+    assert 0.0 <= summary["test_acc"] <= 1.0

@@ -30,7 +30,7 @@ def folder(tmp_path_factory):
 
 class FakeClock:
     """Time that passes only as the trainer works: STEP seconds per training step, EVAL per
-    evaluation pass (3 for the test-time flip measurement: the images, then them and their mirror),
+    evaluation pass (2 for the test-time flip measurement: the images, then their mirror images),
     nothing for anything else (loading, files)."""
 
     STEP, EVAL = 1.0, 0.25
@@ -53,7 +53,7 @@ class FakeClock:
             return evaluate_sums(*args, **kwargs)
 
         def timed_flip_sums(*args, **kwargs):
-            self.now += 3 * self.EVAL
+            self.now += 2 * self.EVAL
             return flip_sums(*args, **kwargs)
 
         monkeypatch.setattr(train_loop, "clock", lambda: self.now)
@@ -101,7 +101,7 @@ def test_budget_fits_the_epochs_to_a_fake_clock_and_records_them(folder, tmp_pat
 def test_budget_run_is_the_run_of_its_epochs_and_resumes_bitwise_with_every_ingredient(folder, tmp_path,
                                                                                      monkeypatch):
     FakeClock(monkeypatch)
-    # (16 - 5.5 - 3 x 0.25 for flipping) // (4 + 2 x 0.25), EMA evaluated too: 2 epochs
+    # (16 - 5.5 - 2 x 0.25 for flipping) // (4 + 2 x 0.25), EMA evaluated too: 2 epochs
     options = dict(epochs=None, budget=16.0, **ALL_ON)
     planned = train(tiny_config(folder, tmp_path / "planned", **options))
     assert planned["epochs"] == 2
@@ -128,10 +128,10 @@ def test_cli_end_line_says_how_the_budget_was_spent(folder, tmp_path, monkeypatc
             "--budget", "30s", "--flip", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    # (30 - 5.5 - 0.75) // 4.25 = 5 epochs; the end measures flipping on the validation split (3
-    # passes): 5.5 + 5 x 4.25 + 0.75 = 27.5 s of the 30.
-    assert out[-1].startswith("used 27.5s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
-                              "4.2s each with evaluation and checkpoint, and 0.8s for the final evaluations"), out[-1]
+    # (30 - 5.5 - 0.5) // 4.25 = 5 epochs; the end measures flipping on the validation split (2
+    # passes: the images and their mirror images): 5.5 + 5 x 4.25 + 0.5 = 27.25 s of the 30.
+    assert out[-1].startswith("used 27.2s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
+                              "4.2s each with evaluation and checkpoint, and 0.5s for the final evaluations"), out[-1]
 
 
 def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):
@@ -217,9 +217,9 @@ def test_photo_defaults_are_printed_with_the_reason(folder, tmp_path, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert ("photo folder from scratch (36 images of about 16 px: small gray images take the CIFAR net at 32 px, "
-            "the recipe's lr, the folder policy and no mirror): --augment folder, --no-flip") in err
+            "the recipe's lr, no augmentation and no mirror): --augment none, --no-flip") in err
     assert "override" in err
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == "folder"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == "none"
 
 
 # --- each ingredient acts and is recorded --------------------------------------------------------

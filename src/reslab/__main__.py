@@ -1,5 +1,3 @@
-import sys
+from reslab.cli import entry
 
-from reslab.cli import main
-
-sys.exit(main())
+entry()

@@ -223,11 +223,11 @@ def plain_openvino_step(cfg: BenchConfig, model: nn.Module, x: torch.Tensor) -> 
             queue.wait_all()
             return np.concatenate(outputs)
 
-    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    from reslab.inference.backends import compiled_precision
+
     return step, {"bn_folded": False, "channels_last": None, "openvino_hint": hint, "openvino_requests": jobs,
                   "openvino_streams": int(compiled.get_property("NUM_STREAMS")),
-                  "openvino_inference_precision": precision.to_string() if hasattr(precision, "to_string")
-                  else str(precision)}
+                  "openvino_inference_precision": compiled_precision(compiled)}
 
 
 def _calibration_images(cfg: BenchConfig) -> torch.Tensor:

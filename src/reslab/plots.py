@@ -6,6 +6,7 @@ takes data and a path, writes a PNG and returns the path.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -124,24 +125,52 @@ def degradation(curves: dict[str, dict], path: str | os.PathLike) -> Path:
     """Paper Figure 6: plain nets left, residual nets right; training error dashed, validation solid.
 
     `curves` maps a model name to {"depth", "residual", "epoch": [...], "train_error": [...],
-    "val_error": [...]} with errors as fractions (drawn as percentages, as the paper does).
+    "val_error": [...]} with errors as fractions (drawn as percentages, as the paper does), and
+    optionally "iteration": [...], the optimizer steps at each epoch's end: the paper's x axis.
     """
     colours = depth_colours(c["depth"] for c in curves.values())
     fig, axes = figure(2, 1, width=4.6, height=3.6, sharey=True)
     panels = {False: axes[0, 0], True: axes[0, 1]}
+    by_iteration = all("iteration" in c for c in curves.values())
     for name, c in sorted(curves.items(), key=lambda kv: kv[1]["depth"]):
         ax, colour = panels[bool(c["residual"])], colours[c["depth"]]
-        ax.plot(c["epoch"], [100 * e for e in c["train_error"]], "--", color=colour, lw=1.2)
-        # A data set without a validation split has no solid line; the legend still names the net.
+        x = c["iteration"] if by_iteration else c["epoch"]
+        ax.plot(x, [100 * e for e in c["train_error"]], "--", color=colour, lw=1.2)
+        # A data set without a validation split has no bold line; the legend still names the net.
         val = [float("nan") if e is None else 100 * e for e in c["val_error"]]
-        ax.plot(c["epoch"], val, "-", color=colour, lw=2, label=name)
+        ax.plot(x, val, "-", color=colour, lw=2.4, label=name)
     for residual, ax in panels.items():
         ax.set_title("residual nets" if residual else "plain nets")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("iterations" if by_iteration else "epoch")
         ax.legend(loc="upper right")
     panels[False].set_ylabel("error (%)")
-    fig.text(0.5, 0.005, "dashed: training error, solid: validation error", ha="center", fontsize=8)
+    fig.text(0.5, 0.005, "dashed: training error, bold: validation error", ha="center", fontsize=8)
     fig.subplots_adjust(bottom=0.2)
+    return save(fig, path)
+
+
+def table6(summary: dict, path: str | os.PathLike) -> Path:
+    """Paper Table 6 as a figure: held-out error against depth; each seed's run a dot, the mean with
+    a bar of one standard deviation, the paper's number a cross (`summary`: reslab.experiments.table6)."""
+    held_out = "validation" if summary["evaluated_on"] == "validation" else "test"
+    fig, axes = figure(1, 1, width=5.2, height=3.6)
+    ax = axes[0, 0]
+    depths = [d["depth"] for d in summary["depths"]]
+    positions = {depth: i for i, depth in enumerate(depths)}  # one slot per depth: 110 does not squash 20-56
+    for run in summary["runs"]:
+        ax.plot(positions[run["depth"]] - 0.12, 100 * run["test_error"], "o", color=PALETTE[0], ms=3.5, alpha=0.6)
+    mean = [100 * d["test_error_mean"] for d in summary["depths"]]
+    std = [100 * (d["test_error_std"] or 0.0) for d in summary["depths"]]
+    ax.errorbar(range(len(depths)), mean, yerr=std, fmt="s-", color=PALETTE[0], ms=5, lw=1.4, capsize=4,
+                label=f"reslab: mean +- std over seeds ({held_out})")
+    paper = [(positions[d["depth"]] + 0.12, 100 * d["paper_test_error"]) for d in summary["depths"]
+             if d["paper_test_error"] is not None]
+    if paper:
+        ax.plot(*zip(*paper), "x", color=PALETTE[1], ms=7, mew=2, label="paper, Table 6 (test)")
+    ax.set_xticks(range(len(depths)), [f"ResNet-{d}" for d in depths])
+    ax.set_ylabel(f"{held_out} error (%)")
+    ax.set_title(f"CIFAR-10 {held_out} error by depth")
+    ax.legend(loc="best", fontsize=8)
     return save(fig, path)
 
 
@@ -336,4 +365,21 @@ def top_losses(path: str | os.PathLike, images, entries, *, ncols: int = 4) -> P
         ax.set_title(f"{shown}\n{row['true']} / {row['predicted']} {row['p_predicted']:.2f}\n"
                      f"loss {row['loss']:.2f}", fontsize=7, color=PALETTE[1] if wrong else "black")
     fig.suptitle("top losses: file, true / predicted p, -log p(true)", fontsize=9)
+    return save(fig, path)
+
+
+def lr_find(path: str | os.PathLike, lrs, losses, suggestion: float, rule: str) -> Path:
+    """The learning-rate range test (reslab.train.lr_find): smoothed loss against the lr on a log
+    axis, the suggested lr marked."""
+    fig, axes = figure(1, 1, width=5.0, height=3.6)
+    ax = axes[0, 0]
+    ax.plot(lrs, losses, label="smoothed training loss")
+    ax.axvline(suggestion, color=PALETTE[1], linestyle="--", lw=1)
+    nearest = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / suggestion)))
+    ax.plot([suggestion], [losses[nearest]], "o", color=PALETTE[1], label=f"suggested lr {suggestion:.3g} ({rule})")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (peak, --lr)")
+    ax.set_ylabel("loss")
+    ax.set_title("learning-rate range test")
+    ax.legend(loc="best", fontsize=8)
     return save(fig, path)

@@ -18,11 +18,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("models", "list the registered models with parameters and MACs"),
     "summary": ("summary", "layer table of a model, residual adds included"),
     "train": ("train", "train a model (default: resnet20 on the embedded digits)"),
+    "lr-find": ("lr_find", "learning-rate range test: lr_find.png and a suggested lr"),
     "evaluate": ("evaluate", "top-1/top-5, per-class precision/recall/F1, confusion matrix, sample grid, top losses"),
     "predict": ("predict", "top-k classes for images"),
     "export": ("export", "export to ONNX or OpenVINO, checked against PyTorch"),
     "bench": ("bench", "training or inference throughput"),
-    "experiment": ("experiment", "degradation, gradients, responses (He et al.); inception (Szegedy et al.)"),
+    "experiment": ("experiment", "degradation, gradients, responses, table6 (He et al.); inception (Szegedy et al.)"),
     "explain": ("explain", "Grad-CAM overlays as PNG files"),
     "serve": ("serve", "local HTTP API and web page"),
 }
@@ -71,5 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def entry() -> None:
+    """The `reslab` program: main(), then the exit; a torchrun rank leaves without the interpreter's
+    finalization (reslab.train.distributed.end_process says why)."""
+    code = main()
+    distributed = sys.modules.get("reslab.train.distributed")
+    if distributed is not None:
+        distributed.finish(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

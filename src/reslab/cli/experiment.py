@@ -1,4 +1,5 @@
-"""`reslab experiment degradation|gradients|responses|inception`: the papers' figures, numbers in JSON."""
+"""`reslab experiment degradation|gradients|responses|inception|table6`: the papers' figures and
+tables, numbers in JSON."""
 
 from __future__ import annotations
 
@@ -7,18 +8,42 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="experiment", metavar="NAME", required=True)
 
     deg = sub.add_parser("degradation", help="plain vs residual nets of each depth, same recipe (paper Fig. 6)")
-    deg.add_argument("--data", default="digits", help="data set: digits (default), cifar10, cifar100 or a folder")
+    # Defaults are None here (and given in DegradationConfig) so that --resume can tell an option given.
+    deg.add_argument("--data", default=None,
+                     help="data set: digits (default), cifar10, cifar100, a CIFAR .tar.gz or an image folder")
     deg.add_argument("--depths", type=int, nargs="+", default=None, metavar="D",
-                     help="6n+2 depths; a plain and a residual net of each (default 20 56)")
-    deg.add_argument("--epochs", type=int, default=None, help="epochs per net (default 8)")
+                     help="6n+2 depths; a plain and a residual net of each (default 20 56; the paper's 20 32 44 56)")
+    deg.add_argument("--epochs", type=int, default=None,
+                     help="epochs per net (default 8; the paper's 64k iterations: 182 at batch 128 on 45k images)")
     deg.add_argument("--batch-size", type=int, default=None)
-    deg.add_argument("--lr", type=float, default=None, help="peak lr of the one-cycle schedule (default 0.05)")
-    deg.add_argument("--recipe", choices=["paper", "fast"], default="fast")
+    deg.add_argument("--lr", type=float, default=None,
+                     help="peak lr (default 0.05 with the fast recipe's one-cycle, the paper recipe's 0.1)")
+    deg.add_argument("--recipe", choices=["paper", "fast"], default=None, help="training recipe (default fast)")
+    deg.add_argument("--val-split", type=float, default=None, metavar="F",
+                     help="held-out fraction for the bold curve (default 0.1 on CIFAR, the data's own elsewhere)")
     deg.add_argument("--image-size", type=int, default=None, help="input side (default 8 for digits, else 32)")
-    deg.add_argument("--seed", type=int, default=0)
-    deg.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto")
+    deg.add_argument("--seed", type=int, default=None, help="one seed for every net (default 0)")
+    deg.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None)
     deg.add_argument("--out", default=None, help="folder (default runs/experiment-degradation-<time>/)")
+    deg.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the experiment in DIR: finished nets are kept, a half-trained one resumes")
     deg.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+
+    t6 = sub.add_parser("table6", help="CIFAR-10 test error of ResNet-20..110 over seeds, paper recipe (Table 6)")
+    t6.add_argument("--data", default=None, help="cifar10 (default), a CIFAR .tar.gz or an image folder")
+    t6.add_argument("--depths", type=int, nargs="+", default=None, metavar="D",
+                    help="6n+2 depths of ResNets (default 20 32 44 56 110)")
+    t6.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S", help="seeds per depth (default 0 1)")
+    t6.add_argument("--epochs", type=int, default=None,
+                    help="epochs per net (default 182: 64k iterations on 45k images); the lr drops at 50%% and 75%%")
+    t6.add_argument("--val-split", type=float, default=None, metavar="F",
+                    help="hold out F and test the best-validation weights (default 0: all images, the weights at "
+                         "the end; a folder without test/: 0.1, reported on it)")
+    t6.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None)
+    t6.add_argument("--out", default=None, help="folder (default runs/experiment-table6-<time>/)")
+    t6.add_argument("--resume", default=None, metavar="DIR",
+                    help="continue the experiment in DIR: finished runs are kept, a half-trained one resumes")
+    t6.add_argument("--quiet", action="store_true", help="no per-epoch progress")
 
     grad = sub.add_parser("gradients", help="gradient norm reaching each layer, plain vs residual")
     grad.add_argument("models", nargs="*", metavar="MODEL",
@@ -82,6 +107,8 @@ def run(args) -> int:
         return _gradients(args, console)
     if args.experiment == "inception":
         return _inception(args, console)
+    if args.experiment == "table6":
+        return _table6(args, console)
     return _responses(args, console)
 
 
@@ -125,14 +152,21 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _given(args, keys) -> dict:
+    """The options given on the command line (argparse leaves the others None)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
 def _degradation(args, console) -> int:
     from reslab.cli.tables import table
     from reslab.experiments import DegradationConfig, run_degradation
 
-    options = {k: getattr(args, k) for k in ("depths", "epochs", "batch_size", "lr", "image_size")
-               if getattr(args, k) is not None}
-    config = DegradationConfig(data=args.data, recipe=args.recipe, seed=args.seed, precision=args.precision,
-                               out=args.out, quiet=args.quiet, **options)
+    given = _given(args, ("data", "depths", "epochs", "batch_size", "lr", "recipe", "val_split", "image_size", "seed",
+                          "precision", "out"))
+    if args.resume:
+        config = DegradationConfig.resumed(args.resume, quiet=args.quiet, **given)
+    else:
+        config = DegradationConfig(quiet=args.quiet, **given)
     summary = run_degradation(config, progress=_announce(console))
     columns = [(col, "left" if col == "model" else "right") for col in
                ("model", "final train err", "train err (eval)", "best train err", "final val err", "test err",
@@ -143,6 +177,44 @@ def _degradation(args, console) -> int:
     console.print(table("degradation: errors after the last epoch (paper Figure 6)", columns, rows))
     print(f"wrote {summary['settings']['out']}/summary.json, metrics.csv and degradation.png")
     return 0
+
+
+def _table6(args, console) -> int:
+    from reslab.experiments import Table6Config, run_table6
+
+    given = _given(args, ("data", "depths", "seeds", "epochs", "val_split", "precision", "out"))
+    config = (Table6Config.resumed(args.resume, quiet=args.quiet, **given) if args.resume
+              else Table6Config(quiet=args.quiet, **given))
+    summary = run_table6(config, progress=_announce(console))
+    console.print(table6_table(summary))
+    print(f"wrote {summary['settings']['out']}/summary.json and table6.png")
+    return 0
+
+
+def table6_table(summary: dict):
+    """The paper's Table 6 beside ours: per depth, the runs' mean +- std, min and max."""
+    from reslab.cli.tables import table
+
+    held_out = summary["evaluated_on"]
+    columns = [("net", "left"), ("runs", "right"), (f"{held_out} err mean +- std", "right"), ("min", "right"),
+               ("max", "right"), ("paper (test)", "right")]
+
+    def pct(value) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    def spread(d) -> str:
+        return "" if d["test_error_std"] is None else f" +- {100 * d['test_error_std']:.2f}"
+
+    rows = [[f"ResNet-{d['depth']}", str(d["runs"]), pct(d["test_error_mean"]) + spread(d), pct(d["test_error_min"]),
+             pct(d["test_error_max"]),
+             pct(d["paper_test_error"]) + (" (best of 5)" if d["depth"] == 110 else "")]
+            for d in summary["depths"]]
+    settings = summary["settings"]
+    weights = ("weights at the end of the schedule" if held_out == "validation" or not settings["val_split"]
+               else f"best-validation weights (val split {settings['val_split']:g})")
+    note = "; no test split: validation error" if held_out == "validation" else ""
+    return table(f"CIFAR-10 {held_out} error over seeds (paper Table 6): {settings['epochs']} epochs, {weights}{note}",
+                 columns, rows)
 
 
 def _inception(args, console) -> int:

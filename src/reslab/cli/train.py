@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "excludes --epochs")
     add("--batch-size", type=int, help="batch size (recipe default: fast 64, paper 128)")
     add("--lr", type=float, help="peak learning rate (recipe default)")
+    add("--lr-find", action="store_true", default=None,
+        help="run the learning-rate range test first (as `reslab lr-find`) and train at its suggested lr, every "
+             "parameter group scaled with it; recorded as lr_find in config.json; excludes --lr and --resume")
     add("--optimizer", help="sgd, adam or adamw (default sgd)")
     add("--momentum", type=float, help="SGD momentum (default 0.9)")
     add("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (fast: on)")
@@ -47,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--early-stop", type=int, metavar="PATIENCE", help="stop after this many epochs without a better val accuracy")
     add("--val-split", type=float, help="fraction of the training data held out for validation")
     add("--augment", help="augmentation policy: none, cifar, folder, keras, trivial (default: the data's; a photo "
-                          "folder from scratch: trivial, or folder for small gray images)")
+                          "folder from scratch: trivial, or none for small gray images)")
     add("--flip", action=argparse.BooleanOptionalAction, default=None,
         help="mirror training images left to right at random (default: off for a folder of small gray images, 40 px "
              "or less, else the --augment policy's own: on for photos and CIFAR); --no-flip for data a mirror "
@@ -62,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights (decay per "
                                                    "step, e.g. 0.99), evaluated each epoch and kept as the best "
                                                    "weights when better (default 0: off)")
+    add("--class-weights", metavar="balanced", help="weight each class's loss by n / (classes x its count) "
+                                                    "(scikit-learn's \"balanced\"), for imbalanced folders; "
+                                                    "the best weights are then chosen by balanced accuracy "
+                                                    "(default none)")
+    add("--sampler", metavar="balanced", help="balanced: each epoch draws as many images as the training split "
+                                              "holds, every class equally often (with replacement); the best "
+                                              "weights are then chosen by balanced accuracy (default none)")
     add("--shortcut", help="shortcut option A, B or C (paper section 3.3; default: the model's)")
     add("--stem", help="ResNet stem: imagenet (7x7/2 conv and max pool), deep (three 3x3 convs and max pool, "
                        "timm's resnet*d) or cifar (one 3x3 conv); default: the model's")
@@ -100,12 +110,14 @@ def config_from_args(args):
 
     from reslab.train import TrainConfig
     from reslab.train.config import parse_duration
+    from reslab.train.lr_find import check_new_run
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if "budget" in given:
         given["budget"] = parse_duration(given["budget"])
     if "resume" in given:
+        check_new_run(TrainConfig(**given))  # --lr-find's own reason before the general one
         extra = sorted(set(given) - RESUME_OPTIONS)
         if extra:
             raise ReslabError(f"--resume continues a run with its own settings; drop "
@@ -144,6 +156,9 @@ def run(args) -> int:
           f"{processes} ({summary['images_per_second']} img/s), best val acc {pct(summary['best_val_acc'])}"
           f"{' (EMA weights)' if summary.get('best_weights') == 'ema' else ''}, "
           f"test acc {pct(summary['test_acc'])}; run in {run_dir}")
+    if summary.get("best_by") == "balanced_accuracy":
+        print(f"best weights chosen by validation balanced accuracy: {pct(summary['balanced_accuracy'])} "
+              f"(macro F1 {pct(summary['macro_f1'])})")
     if summary.get("tta_val_acc"):
         accs = summary["tta_val_acc"]
         print(f"test-time flip on the validation split: {pct(accs['none'])} without, {pct(accs['flip'])} with: "

@@ -66,6 +66,7 @@ def _fetch(url: str, out_path: Path, label: str, *, quiet: bool, timeout: float)
         received = 0
         progress = None
         if not quiet:
+            from rich.markup import escape  # a file's name is text, not markup
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -84,7 +85,7 @@ def _fetch(url: str, out_path: Path, label: str, *, quiet: bool, timeout: float)
                 disable=not live_bars_work(),
             )
             progress.start()
-            task = progress.add_task(f"downloading {label}", total=total)
+            task = progress.add_task(f"downloading {escape(label)}", total=total)
         try:
             while chunk := response.read(_CHUNK):
                 out.write(chunk)

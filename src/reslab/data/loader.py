@@ -116,13 +116,17 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def order(self) -> torch.Tensor:
+        """The current epoch's order of the examples, every rank's, before padding and sharding
+        (reslab.data.balance.BalancedBatchLoader draws it instead)."""
+        if self.shuffle:
+            return torch.randperm(len(self.split), generator=_generator(self.seed, self.epoch, _ORDER))
+        return torch.arange(len(self.split))
+
     def indices(self) -> torch.Tensor:
         """This rank's example indices for the current epoch, in order."""
         n = len(self.split)
-        if self.shuffle:
-            order = torch.randperm(n, generator=_generator(self.seed, self.epoch, _ORDER))
-        else:
-            order = torch.arange(n)
+        order = self.order()
         total = self.samples_per_rank * self.world_size
         if total > n:  # pad by wrapping around (repeat if there are fewer examples than ranks)
             order = order.repeat(math.ceil(total / max(n, 1)))

@@ -7,10 +7,11 @@ so every measurement is keyed by model name and ordered from the input side to t
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from torch import nn
@@ -26,6 +27,33 @@ NATIVE_SIZES = {"digits": 8}
 def default_image_size(data: str) -> int:
     """8 for the digits, else the CIFAR nets' native 32 (paper section 4.2)."""
     return NATIVE_SIZES.get(data, get_model_spec("resnet20").image_size)
+
+
+def is_cifar(data: str) -> bool:
+    """Whether `data` names CIFAR-10/100 or a CIFAR archive or extracted folder (reslab.data.cifar)."""
+    from reslab.data import cifar
+
+    path = Path(data).expanduser()
+    return data in cifar.ARCHIVES or (path.exists() and cifar.is_cifar_path(path))
+
+
+def has_test_split(data: str) -> bool:
+    """Whether the trainer will find a test split in `data`: the digits and CIFAR have one; an image
+    folder only as a test/ subfolder (reslab.data.folder)."""
+    return data == "digits" or is_cifar(data) or (Path(data).expanduser() / "test").is_dir()
+
+
+def check_data(data: str) -> None:
+    """Refuse data that is not there before an experiment claims its folder (its nets load it later)."""
+    from reslab.data import NAMED
+
+    if data not in NAMED and not Path(data).expanduser().exists():
+        raise ReslabError(f"data not found: {data!r}; give {', '.join(NAMED)}, an image folder or a CIFAR tarball")
+
+
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    """The trainer's optimizer steps per epoch: a last batch of one image is dropped (train/loop.py)."""
+    return train_images // batch_size + (1 if train_images % batch_size > 1 else 0)
 
 
 def default_out(experiment: str) -> Path:
@@ -149,20 +177,116 @@ class TrainedNet:
                 for m, train_err, val_err in zip(self.metrics, self.train_errors, self.val_errors)]
 
 
-def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None = None) -> Iterator[TrainedNet]:
-    """Train each resolved TrainConfig of `configs` (model name -> config) in turn, reporting
-    `progress(k, n, name)` before each; yields what each run logged."""
+def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None = None, *, resume: str | None = None,
+               stop: Callable[[str, int, int], bool] | None = None) -> Iterator[TrainedNet]:
+    """Train each resolved TrainConfig of `configs` (key -> config) in turn, reporting
+    `progress(k, n, key)` before each; yields what each run logged.
+
+    With `resume` (the experiment's folder, for the message), a net whose run folder exists is
+    continued instead (`continue_run`). `stop(key, epoch, step)` is the trainer's stop hook per
+    net; a net that stops before its end (Ctrl-C, `stop`) ends the experiment with a ReslabError
+    that says how to continue it."""
     from reslab.train import train
     from reslab.train.state import METRICS, read_metrics
 
     for k, (name, cfg) in enumerate(configs.items()):
         if progress is not None:
             progress(k, len(configs), name)
-        result = train(cfg)
+        hook = None if stop is None else (lambda epoch, step, name=name: stop(name, epoch, step))
+        result = continue_run(cfg, hook) if resume is not None else train(cfg, stop=hook)
+        if result.get("interrupted"):
+            raise ReslabError(f"{name} stopped at epoch {result['epochs'] + 1} of {cfg.epochs} (checkpointed in "
+                              f"{result['run_dir']}); continue the experiment with --resume {Path(cfg.out).parent}")
         run_dir = Path(result["run_dir"])
         metrics = read_metrics(run_dir / METRICS)
         yield TrainedNet(name, cfg, result, run_dir, metrics, [error(m["train_acc"]) for m in metrics],
                          [error(m["val_acc"]) for m in metrics])
+
+
+def continue_run(cfg, stop: Callable[[int, int], bool] | None = None) -> dict:
+    """The trainer's summary of the run `cfg` describes (`cfg.out` its folder): a finished run's is
+    read back, not trained again; a begun one continues from its last checkpoint through the
+    trainer's own --resume (exact: the same steps the uninterrupted run would have taken); a run not
+    begun starts."""
+    from reslab.train import TrainConfig, train
+    from reslab.train.state import CONFIG
+
+    run_dir = Path(cfg.out)
+    if not (run_dir / CONFIG).is_file():
+        return train(cfg, stop=stop)
+    finished = finished_summary(run_dir)
+    if finished is not None:
+        return finished
+    return train(TrainConfig(resume=os.fspath(run_dir), quiet=cfg.quiet, device=cfg.device), stop=stop)
+
+
+def finished_summary(run_dir: Path) -> dict | None:
+    """A run's summary.json once the run ended and its test pass (if it has a test split) is done;
+    None while it is unfinished. The trainer writes summary.json after every epoch (stopped
+    "running", no test accuracy) and once more at the end."""
+    from reslab.train.state import CONFIG, SUMMARY
+
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        record = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("stopped") not in ("completed", "early_stop"):
+        return None
+    has_test = ((record.get("data") or {}).get("sizes") or {}).get("test", 0) > 0
+    if has_test and summary.get("test_acc") is None:
+        return None  # killed after its last epoch, before its test pass: the trainer's resume runs that
+    return {**summary, "run_dir": os.fspath(run_dir)}
+
+
+# The experiment's own record in its folder: which experiment, with which settings; --resume reads it.
+EXPERIMENT_FILE = "experiment.json"
+# Settings a resumed experiment may take anew: they change no number.
+RESUME_FREE = ("out", "resume", "quiet")
+
+
+def claim_experiment_dir(config, experiment: str) -> Path:
+    """The experiment's folder, its settings recorded (experiment.json). A new experiment refuses a
+    folder that holds one already; `config.resume` names the one to continue."""
+    if config.resume is not None:
+        return Path(config.resume)
+    out = Path(config.out) if config.out else default_out(experiment)
+    if (out / EXPERIMENT_FILE).exists() or (out / "summary.json").exists():
+        raise ReslabError(f"--out {out} already holds a {experiment} experiment; continue it with --resume {out} "
+                          "or choose another --out")
+    from reslab.io import write_json
+
+    write_json(out / EXPERIMENT_FILE, {"experiment": experiment, "settings": {
+        k: v for k, v in asdict(config).items() if k not in RESUME_FREE}})
+    return out
+
+
+def resumed_config(cls, folder: str, experiment: str, given: dict):
+    """`cls` (an experiment's config) as saved in `folder`, to continue it. `given`: the options the
+    user set; one that differs from the saved setting is refused, since the nets already trained
+    used the saved one (out, resume and quiet may change)."""
+    path = Path(folder) / EXPERIMENT_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReslabError(f"--resume {folder}: holds no {experiment} experiment (no {EXPERIMENT_FILE}); give the "
+                          f"--out of an earlier `reslab experiment {experiment}`") from None
+    except (OSError, ValueError) as err:
+        raise ReslabError(f"--resume {folder}: {EXPERIMENT_FILE} is unreadable ({err})") from None
+    if not isinstance(saved, dict) or saved.get("experiment") != experiment or not isinstance(
+            saved.get("settings"), dict):
+        raise ReslabError(f"--resume {folder}: {EXPERIMENT_FILE} does not describe a {experiment} experiment")
+    settings = {k: v for k, v in saved["settings"].items() if k in {f.name for f in fields(cls)}}
+    if "out" in given and Path(given["out"]).resolve() != Path(folder).resolve():
+        raise ReslabError(f"--resume {folder} continues the experiment in its own folder; drop --out {given['out']}")
+    for key, value in given.items():
+        if key in settings and key not in RESUME_FREE and value != settings[key]:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            was = " ".join(map(str, settings[key])) if isinstance(settings[key], (list, tuple)) else settings[key]
+            raise ReslabError(f"--resume {folder} continues the experiment with its own settings: "
+                              f"--{key.replace('_', '-')} {shown} differs from its {was}; drop the option")
+    extra = {k: v for k, v in given.items() if k in ("quiet",)}
+    return cls(**settings, **extra, out=os.fspath(folder), resume=os.fspath(folder))
 
 
 def shared_train_config(configs: dict) -> dict:

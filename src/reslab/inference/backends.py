@@ -163,6 +163,12 @@ def openvino_settings(batch_size: int, threads: int) -> dict[str, str | int]:
     return {"PERFORMANCE_HINT": "THROUGHPUT", "PERFORMANCE_HINT_NUM_REQUESTS": min(batch_size, threads)}
 
 
+def compiled_precision(compiled) -> str:
+    """The precision an OpenVINO compiled model runs in ("f32", "bf16"), as it reports it."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type, or a string in older releases
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
 class OpenVinoRunner:
     """An OpenVINO CPU model, compiled on first use for each batch size's settings (`openvino_settings`;
     `hint` forces one PERFORMANCE_HINT for every batch size instead); a batch is split across the
@@ -205,8 +211,7 @@ class OpenVinoRunner:
     @property
     def inference_precision(self) -> str:
         compiled, _ = next(iter(self._compiled.values())) if self._compiled else self.compiled(1)
-        value = compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: "f32", "bf16"
-        return value.to_string() if hasattr(value, "to_string") else str(value)
+        return compiled_precision(compiled)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().contiguous().numpy()

@@ -55,7 +55,12 @@ def check_tta(tta: str) -> str:
 def flip_probabilities(forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
     """Test-time augmentation "flip": the mean of the class probabilities `forward` (logits) gives
     the images and their mirror images (a photo's class does not change left to right)."""
-    return (torch.softmax(forward(batch).float(), dim=1) + torch.softmax(forward(batch.flip(-1)).float(), dim=1)) / 2
+    return flip_average(forward(batch), forward(batch.flip(-1)))
+
+
+def flip_average(logits: torch.Tensor, mirrored_logits: torch.Tensor) -> torch.Tensor:
+    """flip_probabilities from logits already computed on the images and on their mirror images."""
+    return (torch.softmax(logits.float(), dim=1) + torch.softmax(mirrored_logits.float(), dim=1)) / 2
 
 
 def resolve_tta(tta: str | None, meta: CheckpointMeta) -> str:

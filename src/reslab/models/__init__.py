@@ -13,7 +13,8 @@ from reslab.models.blocks import (
     ZeroPadShortcut,
 )
 from reslab.models.inception import GoogLeNetOutputs, InceptionNet, InceptionOutputs
-from reslab.models.registry import InceptionSpec, ModelSpec, create_model, get_model_spec, list_models
+from reslab.models.myrtle import MyrtleResNet9
+from reslab.models.registry import InceptionSpec, ModelSpec, MyrtleSpec, create_model, get_model_spec, list_models
 from reslab.models.resnet import ResNet, make_stage
 from reslab.models.summary import complexity, layer_table
 
@@ -26,6 +27,8 @@ __all__ = [
     "InceptionOutputs",
     "InceptionSpec",
     "ModelSpec",
+    "MyrtleResNet9",
+    "MyrtleSpec",
     "PlainBlock",
     "PreActBasicBlock",
     "PreActBottleneck",

@@ -15,6 +15,8 @@ Levels ("feature_info"), as timm numbers and names them where timm has the net:
 - Pre-activation nets: a block ends at its add, and the next block's BN-ReLU opens it, so level 0
   is the stem's conv output (module `conv1`) and the inner stages are their adds; the last stage is
   taken after the final BN-ReLU (module `relu_final`), where the head sees it.
+- myrtle_resnet9: 0 the prep layer at stride 1, 1-3 the stages (after their residual branch) at
+  strides 2, 4, 8.
 - Inception-v3, Inception-v4, Inception-ResNet-v2: timm's five levels (strides 2 to 32).
   GoogLeNet (timm has none): the output before each stride-2 max pool (conv1, conv3, inception3b,
   inception4e, inception5b). The 32 px members: the stem and the outputs before each reduction
@@ -34,6 +36,7 @@ from torch import nn
 from reslab.errors import ReslabError
 from reslab.models.inception import ARCHS, InceptionNet, transform_input
 from reslab.models.inception_blocks import ConvBNReLU, InceptionModule
+from reslab.models.myrtle import MyrtleResNet9
 from reslab.models.resnet import STEMS, ResNet
 
 # (module, stride) per Inception net. timm's feature_info where timm has the net (inception_v3,
@@ -140,6 +143,14 @@ def _inception_plan(model: InceptionNet) -> tuple[list[str], list[dict]]:
     return list(model.body_names), levels
 
 
+def _myrtle_plan(model: MyrtleResNet9) -> tuple[list[str], list[dict]]:
+    """The prep layer, then each stage; every stage ends in a 2x2 max pool."""
+    levels = [{"num_chs": model.prep.conv.out_channels, "reduction": 1, "module": "prep"}]
+    levels += [{"num_chs": stage.conv.out_channels, "reduction": 2 ** (i + 1), "module": name}
+               for i, (name, stage) in enumerate(zip(model.stage_names, model.stages))]
+    return ["prep", *model.stage_names], levels
+
+
 def feature_levels(model: nn.Module) -> list[dict]:
     """Every level `model` offers to `features_only`, as `FeatureInfo` entries."""
     return _plan(model)[1]
@@ -150,6 +161,8 @@ def _plan(model: nn.Module) -> tuple[list[str], list[dict]]:
         return _resnet_plan(model)
     if isinstance(model, InceptionNet):
         return _inception_plan(model)
+    if isinstance(model, MyrtleResNet9):
+        return _myrtle_plan(model)
     raise TypeError(f"features_only: no feature levels for {type(model).__name__}")
 
 

@@ -1,7 +1,8 @@
 """The model registry: every variant is a line of data, built by its family's one builder.
 
 ResNets (`ModelSpec`: block, stage depths, widths) are built by `ResNet`; the Inception family
-(`InceptionSpec`: an `inception.Arch`) by `InceptionNet`. `create_model(name, **options)` and
+(`InceptionSpec`: an `inception.Arch`) by `InceptionNet`; Page's fast-training ResNet-9 (`MyrtleSpec`:
+widths and which stages are residual) by `myrtle.MyrtleResNet9`. `create_model(name, **options)` and
 `list_models()` are the public doors. Options are checked here, at the door, with the received
 value echoed in the error (as Keras applications do); an option of another family is refused
 with the reason.
@@ -19,6 +20,7 @@ from reslab.errors import ReslabError
 from reslab.models.blocks import BLOCKS
 from reslab.models.features import FeatureExtractor, pop_feature_options
 from reslab.models.inception import ARCHS, Arch, InceptionNet
+from reslab.models.myrtle import MyrtleResNet9
 from reslab.models.resnet import FAMILY_STEMS, SHORTCUTS, STEMS, ResNet
 
 IMAGENET_WIDTHS = (64, 128, 256, 512)
@@ -91,10 +93,33 @@ class InceptionSpec:
         return self.arch.source
 
 
-_REGISTRY: dict[str, ModelSpec | InceptionSpec] = {}
+@dataclass(frozen=True)
+class MyrtleSpec:
+    """A net of Page's fast-training family (reslab.models.myrtle): the prep layer's and each stage's
+    width, which stages carry a residual branch, and the scale of the logits."""
+
+    name: str
+    widths: tuple[int, ...]
+    residual_stages: tuple[bool, ...]
+    head_scale: float
+    source: str
+    family: str = "cifar"  # a 32 px CIFAR-10 net
+    block: str = "myrtle"
+    image_size: int = 32
+    num_classes: int = 10
+    residual: bool = True
+
+    @property
+    def depth(self) -> int:
+        # Weight layers: the prep conv, a conv per stage, two per residual branch, the linear.
+        return 1 + len(self.residual_stages) + 2 * sum(self.residual_stages) + 1
 
 
-def register(spec: ModelSpec | InceptionSpec) -> ModelSpec | InceptionSpec:
+Spec = ModelSpec | InceptionSpec | MyrtleSpec
+_REGISTRY: dict[str, Spec] = {}
+
+
+def register(spec: Spec) -> Spec:
     if spec.name in _REGISTRY:
         raise ValueError(f"model {spec.name!r} is already registered")
     if isinstance(spec, ModelSpec) and spec.block not in BLOCKS:
@@ -141,6 +166,10 @@ for _n in (18, 111):
     register(ModelSpec(f"preact_resnet{9 * _n + 2}", "cifar", "preact_bottleneck", (_n,) * 3,
                        CIFAR_WIDTHS, shortcut="B"))
 
+# The DAWNBench CIFAR-10 net of the fast-training literature: 94 % in 24 epochs (reslab.models.myrtle).
+register(MyrtleSpec("myrtle_resnet9", (64, 128, 256, 512), (True, False, True), 0.125,
+                    'David C. Page, "How to Train Your ResNet" (Myrtle.ai, 2018); github.com/davidcpage/cifar10-fast'))
+
 # Inception family: GoogLeNet and Inception-v3 as torchvision builds them, Inception-v4 and
 # Inception-ResNet-v2 as timm does, and two small members for 32 px inputs (see inception.py).
 for _name, _arch in ARCHS.items():
@@ -175,7 +204,7 @@ def list_models(family: str | None = None) -> list[str]:
     return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
 
 
-def get_model_spec(name: str) -> ModelSpec | InceptionSpec:
+def get_model_spec(name: str) -> Spec:
     if not isinstance(name, str):
         raise ReslabError(f"model name must be a string, got {name!r}")
     spec = _REGISTRY.get(name) or _cifar_spec_for(name)
@@ -218,7 +247,7 @@ def create_model(name: str, **options) -> nn.Module:
     for key, value, low in (("num_classes", num_classes, 0), ("in_channels", in_channels, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ReslabError(f"create_model({name!r}): {key} must be an integer >= {low}, got {value!r}")
-    build = _build_inception if isinstance(spec, InceptionSpec) else _build_resnet
+    build = {InceptionSpec: _build_inception, MyrtleSpec: _build_myrtle}.get(type(spec), _build_resnet)
     model = build(spec, num_classes=num_classes, in_channels=in_channels, **options)
     return FeatureExtractor(model, out_indices, name) if features_only else model
 
@@ -298,3 +327,20 @@ def _build_inception(spec: InceptionSpec, *, num_classes: int, in_channels: int,
                           "zero_init_residual applies to the Inception-ResNet nets")
     return InceptionNet(arch, num_classes=num_classes, in_channels=in_channels, aux_logits=bool(aux_logits),
                         transform_input=bool(transform_input), zero_init_residual=bool(zero_init_residual))
+
+
+def _build_myrtle(spec: MyrtleSpec, *, num_classes: int, in_channels: int, zero_init_residual=False, shortcut=None,
+                  stride_in_1x1=False, stem=None, aux_logits=False, transform_input=False) -> MyrtleResNet9:
+    name = spec.name
+    refused = {"shortcut": (shortcut is not None, "its residual branches add to the identity, there is no "
+                                                  "shortcut option (paper section 3.3) to pick"),
+               "stride_in_1x1": (stride_in_1x1, "it has no bottleneck blocks; its stages downsample by max pooling"),
+               "stem": (stem is not None, "its prep layer (one 3x3 conv-BN-ReLU) is part of the architecture"),
+               "aux_logits": (aux_logits, "it has no auxiliary classifiers"),
+               "transform_input": (transform_input, "that belongs to torchvision's googlenet and inception_v3")}
+    for key, (given, why) in refused.items():
+        if given:
+            value = {"shortcut": shortcut, "stem": stem}.get(key, True)
+            raise ReslabError(f"create_model({name!r}): {key}={value!r} cannot apply to {name}: {why}")
+    return MyrtleResNet9(spec.widths, spec.residual_stages, num_classes=num_classes, in_channels=in_channels,
+                         head_scale=spec.head_scale, zero_init_residual=bool(zero_init_residual))

@@ -21,12 +21,16 @@ A photo folder trained from scratch with the fast recipe takes its own defaults 
 left out: the model, input size, epochs, SGD learning rate and ingredients (augmentation policy,
 random erasing, mixup, cutmix, EMA) of `reslab.data.folder.PHOTO_DEFAULTS`, chosen by measurement
 (benchmarks/RESULTS.md, "Small photo folders"); small images (40 px or less) take resnet20 at 32 px,
-and small gray ones also the recipe's lr, the folder policy and no training mirror ("Small images:
+and small gray ones also the recipe's lr, no augmentation and no training mirror ("Small images:
 defaults measured"). An explicit --model drops only the model's stem and input size from them.
 Other data (digits, CIFAR) keep resnet20 and every ingredient off.
 
 `budget` (seconds) leaves `epochs` open: the trainer measures this machine's step and evaluation
 times, then fixes the epochs that fit (`with_epochs`); config.json records the epochs so chosen.
+
+`lr_find` leaves `lr` to the learning-rate range test (reslab.train.lr_find), run before the first
+step: `lr` becomes its suggestion (every parameter group scaled with it) and config.json records
+how it was found under "lr_find"; a resumed run keeps that lr and does not test again.
 
 `finetune` (for `--pretrained` runs; fastai's `fine_tune` shape, Howard and Ruder 2018): the new
 head alone for `head_epochs` with the body frozen (BatchNorm in eval), at lr * head_lr_mult on a
@@ -86,6 +90,9 @@ class TrainConfig:
     budget: float | None = None  # seconds of wall clock that fix the epochs; excludes `epochs`
     batch_size: int | None = None
     lr: float | None = None
+    # Run the lr range test first and train at its suggestion (reslab.train.lr_find); config.json then
+    # holds the lr it chose as `lr`, and how as "lr_find". Only for a new run, with no explicit lr.
+    lr_find: bool = False
     optimizer: str | None = None
     momentum: float | None = None
     nesterov: bool | None = None
@@ -121,6 +128,10 @@ class TrainConfig:
     aux_logits: bool = False  # Inception nets' auxiliary classifiers, weighted into the loss
     quiet: bool = False
     log: str | None = None  # "tensorboard": event files in the run directory too (reslab.train.tensorboard)
+    # Imbalanced data (reslab.data.balance): "balanced" weights the loss by inverse class frequency /
+    # draws each epoch class-balanced; either picks the best weights by balanced accuracy. None: "none".
+    class_weights: str | None = None
+    sampler: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
     no_decay_norm_bias: bool | None = None  # None: the recipe's (fast: True, paper: False)
     # Several processes (reslab.train.distributed, docs/distributed.md): batch_size is the global
@@ -156,6 +167,9 @@ class TrainConfig:
                 setattr(cfg, key, value)
         if cfg.model is None:
             cfg.model = "resnet20"
+        for key in ("class_weights", "sampler"):
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, "none")
         for key in ("random_erasing", "mixup", "cutmix", "ema"):
             if getattr(cfg, key) is None:
                 setattr(cfg, key, 0.0)
@@ -283,6 +297,9 @@ class TrainConfig:
         from reslab.train.tensorboard import check_log
 
         check_log(self.log)
+        from reslab.data.balance import check_options
+
+        check_options(self.class_weights, self.sampler)
 
     def _check_batch_fits(self) -> None:
         # A lower bound: the float input batch alone (3 channels at most), before any activation.

@@ -22,6 +22,7 @@ Python API (`launch`). What is left to reslab:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -221,6 +222,8 @@ def init(device: str | torch.device = "cpu", timeout: float | None = None) -> Di
                 )
             torch.cuda.set_device(env["local_rank"])
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=seconds)
+        global _joined_group
+        _joined_group = True
     backend = dist.get_backend()
     host_group = dist.new_group(backend="gloo", timeout=seconds) if backend == "nccl" else None
     return DistContext(dist.get_rank(), dist.get_world_size(), env["local_rank"], backend, host_group)
@@ -229,6 +232,43 @@ def init(device: str | torch.device = "cpu", timeout: float | None = None) -> Di
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --- leaving the process ---------------------------------------------------------------------
+#
+# A process that joined a gloo group must not go through the interpreter's normal exit. The group's
+# threads (gloo's TCP loop and its two workers) outlive destroy_process_group: DDP imports
+# torch.distributed.nn.functional, whose `group=group.WORLD` default arguments keep the group alive
+# for the life of the process. At exit, C++ static destructors then meet threads that the peer's
+# closing sockets just woke, and now and then std::terminate aborts the rank (SIGABRT, issue 20).
+# Freeing the group first does not help: joining its threads can wait forever when a peer has
+# already gone (a fresh-clone CI run hung there). So a rank that is done, its output written and
+# flushed, leaves with os._exit: no destructor runs, no thread is joined, the exit status is kept.
+# benchmarks/RESULTS.md "DDP teardown" has the measurements.
+
+_joined_group = False  # set by init() when this process itself joined a process group
+
+
+def joined_group() -> bool:
+    """Whether this process joined a process group in init() (torchrun or `--nproc` ranks)."""
+    return _joined_group
+
+
+def end_process(code: int) -> NoReturn:
+    """Leave now with exit status `code`, after flushing Python's streams and logs: the end of a
+    rank that joined a group (see above). Files reslab writes are closed before this point."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def finish(code: int) -> NoReturn:
+    """The command line's exit: end_process for a rank that joined a group, else sys.exit."""
+    if _joined_group:
+        end_process(code)
+    sys.exit(code)
 
 
 class CollectiveError(ReslabError):
@@ -336,16 +376,23 @@ def _rank_entry(fn: Callable, *args: Any) -> Any:
     if "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does: N processes with all cores each would oversubscribe the CPU.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # The launcher still has to hand the result to the parent after this returns, so the rank
+    # cannot leave here; it leaves at the first step of the interpreter's exit instead (atexit runs
+    # handlers last-registered first), before any destructor (see end_process).
     try:
-        return fn(*args)
+        result = fn(*args)
     except ReslabError as err:
         print(f"reslab: error on rank {rank}: {err}", file=sys.stderr, flush=True)
+        atexit.register(end_process, err.exit_code)
         raise SystemExit(err.exit_code) from None
     except Exception:
         print(f"reslab: rank {rank} failed:", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
+        atexit.register(end_process, 1)
         raise SystemExit(1) from None
+    atexit.register(end_process, 0)
+    return result
 
 
 def launch(nproc: int, fn: Callable, *args: Any) -> Any:

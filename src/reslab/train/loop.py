@@ -37,11 +37,12 @@ import torch
 from torch import nn
 
 from reslab.checkpoint import BEST, LAST, CheckpointMeta, read_weights, save_weights, unwrap
+from reslab.data import balance
 from reslab.data.augment import get_policy
 from reslab.errors import ReslabError
 from reslab.hardware import default_device, describe, resolve_precision, train_channels_last
 from reslab.io import write_json
-from reslab.train import distributed
+from reslab.train import distributed, lr_find
 from reslab.train import state as run_files
 from reslab.train.config import TrainConfig, format_duration
 from reslab.train.distributed import DistContext
@@ -167,8 +168,9 @@ def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: 
 
 
 @torch.inference_mode()
-def evaluate_sums(model: nn.Module, loader, precision: str) -> torch.Tensor:
-    """[loss sum, correct, count] over a loader (plain cross-entropy), as sums so ranks can add them."""
+def evaluate_sums(model: nn.Module, loader, precision: str, confusion: torch.Tensor | None = None) -> torch.Tensor:
+    """[loss sum, correct, count] over a loader (plain cross-entropy), as sums so ranks can add them;
+    `confusion` (flat, classes x classes: true class by predicted), when given, gains the pass's counts."""
     model.eval()
     device_type = next(model.parameters()).device.type
     sums = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
@@ -178,16 +180,22 @@ def evaluate_sums(model: nn.Module, loader, precision: str) -> torch.Tensor:
         sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                              (logits.argmax(1) == y).sum().double(),
                              torch.tensor(float(len(y)), dtype=torch.float64, device=sums.device)])
+        if confusion is not None:
+            k = logits.shape[1]
+            confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
     return sums
 
 
 def evaluate(model: nn.Module, loader, precision: str, ctx: DistContext | None = None) -> dict[str, float]:
-    """{"loss", "acc", "count"} over `loader`; with several ranks, over all their shards together."""
-    sums = evaluate_sums(model, loader, precision).tolist()
+    """{"loss", "acc", "count", "balanced_accuracy", "macro_f1"} over `loader`; with several ranks, over
+    all their shards together (the confusion matrix summed over ranks before the scores)."""
+    k = unwrap(model).get_classifier().out_features
+    confusion = torch.zeros(k * k, dtype=torch.float64, device=next(model.parameters()).device)
+    sums = torch.cat([evaluate_sums(model, loader, precision, confusion), confusion]).tolist()
     if ctx is not None:
-        sums = list(ctx.all_reduce_sums(dict(zip(("loss", "correct", "count"), sums))).values())
-    loss, correct, count = sums
-    return {"loss": loss / count, "acc": correct / count, "count": count}
+        sums = list(ctx.all_reduce_sums(dict(enumerate(sums))).values())
+    loss, correct, count = sums[:3]
+    return {"loss": loss / count, "acc": correct / count, "count": count, **balance.scores(sums[3:], k)}
 
 
 @contextlib.contextmanager
@@ -268,6 +276,7 @@ class Run:
     train_model: nn.Module  # `model` as trained: under DDP and torch.compile when asked
     optimizer: torch.optim.Optimizer
     step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable  # the criterion `step` uses (class-weighted with --class-weights balanced)
     loader: Any  # reslab.data.BatchLoader, this rank's share of every batch
     val_loader: Any | None
     test_loader: Any | None
@@ -318,6 +327,7 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     `stop(epoch, step)` (1-based) is asked after every step; True acts as Ctrl-C would: finish the
     step, checkpoint, return with summary["interrupted"] set. Only rank 0 of `ctx` writes files.
     """
+    lr_find.check_new_run(config)
     if ctx is None:  # this process alone, `nproc` launched ones, or this rank of torchrun's job
         return distributed.run(train, config, stop=stop)
     started = clock()
@@ -326,8 +336,10 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
         p = run.progress
         run.log = open_logs.enter_context(event_log(cfg.log, run_dir, p.global_step, ctx.is_main))
         with sigint_flag() as interrupted, _Bar(ctx.is_main and not cfg.quiet) as bar:
-            for line in _photo_lines(config, cfg):
+            for line in _photo_lines(config, cfg) + balance.imbalance_lines(run.record["classes"],
+                                                                            run.loader.split.labels, cfg):
                 bar.print(line)
+            lr_find.before_training(run, bar, make_step, _saved_record(run_dir) if cfg.resume else {})  # --lr-find
             if cfg.epochs is None:
                 _plan_budget(run, started, bar)
             _write_config(run)
@@ -423,12 +435,17 @@ def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None
                    seconds=round(trained["seconds"], 3), ema_val_loss=ema_val["loss"] if ema_val else None,
                    ema_val_acc=ema_val["acc"] if ema_val else None)
     p.rows.append(row)
-    source, acc = "model", row.val_acc
-    if row.ema_val_acc is not None and row.ema_val_acc > row.val_acc:
-        source, acc = "ema", row.ema_val_acc
-    improved = acc is not None and (p.best_val_acc is None or acc > p.best_val_acc)
+    # Best weights by validation accuracy, or balanced accuracy when the run corrects for imbalance.
+    key = balance.selection_metric(cfg)
+    source, chosen = "model", val
+    if ema_val is not None and ema_val[key] > val[key]:
+        source, chosen = "ema", ema_val
+    acc = chosen["acc"] if chosen else None
+    best = p.best_balanced_accuracy if key == "balanced_accuracy" else p.best_val_acc
+    improved = chosen is not None and (best is None or chosen[key] > best)
     if improved:
         p.best_val_acc, p.best_epoch, p.bad_epochs, p.best_weights = acc, row.epoch, 0, source
+        p.best_balanced_accuracy, p.best_macro_f1 = chosen["balanced_accuracy"], chosen["macro_f1"]
     elif acc is not None:
         p.bad_epochs += 1
     if cfg.early_stop is not None and p.bad_epochs >= cfg.early_stop:
@@ -458,8 +475,10 @@ def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None
                   f"acc {row.train_acc:.4f}  val loss {fmt(row.val_loss)} acc {fmt(row.val_acc)}{ema}  "
                   f"{row.seconds:.1f}s")
     if p.stopped == "early_stop":
-        bar.print(f"early stop: no better validation accuracy for {cfg.early_stop} epochs "
-                  f"(best {p.best_val_acc:.4f} at epoch {p.best_epoch})")
+        score, best = ("balanced accuracy", p.best_balanced_accuracy) if key == "balanced_accuracy" else (
+            "accuracy", p.best_val_acc)
+        bar.print(f"early stop: no better validation {score} for {cfg.early_stop} epochs "
+                  f"(best {best:.4f} at epoch {p.best_epoch})")
 
 
 def _finish(run: Run, started: float) -> dict:
@@ -510,8 +529,9 @@ def choose_tta(gained: int, lost: int) -> bool:
 
 def flip_sums(model: nn.Module, loader, precision: str) -> torch.Tensor:
     """[count, correct without flip, correct with flip, gained, lost] over a loader, as sums so ranks
-    can add them; "with flip" is reslab.inference.Predictor's --tta flip (flip_probabilities)."""
-    from reslab.inference.predictor import flip_probabilities
+    can add them; "with flip" is reslab.inference.Predictor's --tta flip (flip_probabilities), from
+    the same plain logits: two passes over the images, not three."""
+    from reslab.inference.predictor import flip_average
 
     model.eval()
     device = next(model.parameters()).device
@@ -519,8 +539,9 @@ def flip_sums(model: nn.Module, loader, precision: str) -> torch.Tensor:
     with torch.no_grad():
         for x, y in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                plain = model(x).argmax(1) == y
-                flipped = flip_probabilities(model, x).argmax(1) == y
+                logits = model(x)
+                plain = logits.argmax(1) == y
+                flipped = flip_average(logits, model(x.flip(-1))).argmax(1) == y
             sums += torch.stack([torch.tensor(float(len(y)), dtype=torch.float64, device=device),
                                  plain.sum().double(), flipped.sum().double(), (flipped & ~plain).sum().double(),
                                  (plain & ~flipped).sum().double()])
@@ -620,8 +641,8 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
         train_model = distributed.wrap(model, ctx, sync_bn=cfg.sync_bn, find_unused_parameters=cfg.head_epochs > 0)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    step = make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip,
-                     loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+    loss_fn = balance.criterion(cfg, bundle.train.labels, len(bundle.classes), device)  # --class-weights
+    step = make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip, loss_fn=loss_fn)
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
 
     progress = Progress()
@@ -641,12 +662,14 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
                        channels_last=channels_last, mean=preprocessing["mean"], std=preprocessing["std"])
     record = {"data": bundle.source, "classes": list(bundle.classes), "preprocessing": preprocessing,
               "augment": augment, "flip": flip, "precision": precision, "channels_last": channels_last,
-              "hardware": describe(), "world_size": ctx.world_size, **reports}
+              "hardware": describe(), "world_size": ctx.world_size, **reports,
+              "train_class_counts": dict(zip(bundle.classes, balance.class_counts(bundle.train.labels,
+                                                                                  len(bundle.classes))))}
     weights_meta = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
                         preprocessing=preprocessing)
     budget = _saved_record(run_dir).get("budget") if cfg.resume else None
     return Run(cfg=cfg, ctx=ctx, dir=run_dir, progress=progress, model=model, train_model=train_model,
-               optimizer=optimizer, step=step, **loaders, device=device, precision=precision,
+               optimizer=optimizer, step=step, loss_fn=loss_fn, **loaders, device=device, precision=precision,
                channels_last=channels_last, weights_meta=weights_meta, ema=ema, record=record, budget=budget)
 
 
@@ -686,7 +709,7 @@ def _plan_budget(run: Run, started: float, bar: _Bar) -> None:
     steps = len(run.loader)
     test = len(run.test_loader.split) if run.test_loader is not None else 0
     epoch_seconds = steps * times["step"] + (2 if run.ema else 1) * times["eval_pass"] + times["overhead"]
-    final_seconds = test * times["eval_image"] + (3 * times["eval_pass"] if _flips(run) else 0.0)  # + tta
+    final_seconds = test * times["eval_image"] + (2 * times["eval_pass"] if _flips(run) else 0.0)  # + tta
     spent = clock() - started
     epochs = ctx.broadcast(budget_epochs(cfg.budget, spent, epoch_seconds, final_seconds))  # rank 0's decides
     budget = format_duration(cfg.budget)
@@ -714,8 +737,7 @@ def _measure(run: Run) -> dict:
     cfg = run.cfg
     model, optimizer = copy.deepcopy((run.model, run.optimizer))  # one memo: the copy optimizes the copy
     ema = copy.deepcopy(run.ema)
-    step = make_step(model, optimizer, precision=run.precision, grad_clip=cfg.grad_clip,
-                     loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+    step = make_step(model, optimizer, precision=run.precision, grad_clip=cfg.grad_clip, loss_fn=run.loss_fn)
     rng = torch.get_rng_state()
     window = min(max(BUDGET_MEASURE_SHARE * cfg.budget, BUDGET_MEASURE_BOUNDS[0]), BUDGET_MEASURE_BOUNDS[1])
     model.train()
@@ -804,10 +826,11 @@ def _loaders(cfg: TrainConfig, ctx: DistContext, bundle, batch: int, *, augment:
 
     # A last batch of one example would make BatchNorm's batch variance undefined; drop just that.
     per_rank = -(-len(bundle.train) // ctx.world_size)
-    train = BatchLoader(bundle.train, batch, shuffle=True, seed=cfg.seed, augment=augment, flip=cfg.flip,
-                        drop_last=per_rank % batch == 1, rank=ctx.rank, world_size=ctx.world_size,
-                        erasing=cfg.random_erasing, mixup=cfg.mixup, cutmix=cfg.cutmix,
-                        num_classes=len(bundle.classes), **options)
+    loader = balance.loader_class(cfg.sampler)  # --sampler balanced: a class-balanced draw each epoch
+    train = loader(bundle.train, batch, shuffle=True, seed=cfg.seed, augment=augment, flip=cfg.flip,
+                   drop_last=per_rank % batch == 1, rank=ctx.rank, world_size=ctx.world_size,
+                   erasing=cfg.random_erasing, mixup=cfg.mixup, cutmix=cfg.cutmix,
+                   num_classes=len(bundle.classes), **options)
 
     def shard(split):
         if split is None:
@@ -870,6 +893,9 @@ def _summary(run: Run, test: dict[str, float] | None = None) -> dict:
     return {
         "model": cfg.model, "data": cfg.data, "epochs": len(p.rows), "planned_epochs": cfg.epochs,
         "best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch, "best_weights": p.best_weights,
+        # The best weights' validation scores; "best_by": what chose them (reslab.data.balance).
+        "balanced_accuracy": p.best_balanced_accuracy, "macro_f1": p.best_macro_f1,
+        "best_by": "val_acc" if balance.selection_metric(cfg) == "acc" else "balanced_accuracy",
         "final_val_acc": last.val_acc if last else None, "final_train_acc": last.train_acc if last else None,
         "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
         "train_seconds": round(p.train_seconds, 3),

@@ -85,6 +85,10 @@ class Progress:
     best_val_acc: float | None = None
     best_epoch: int | None = None
     best_weights: str | None = None  # "model", or "ema" when the averaged weights were the better
+    # The best weights' validation balanced accuracy and macro F1 (summary.json); with
+    # --class-weights/--sampler balanced the best weights are the best balanced accuracy's.
+    best_balanced_accuracy: float | None = None
+    best_macro_f1: float | None = None
     bad_epochs: int = 0  # epochs since the best validation accuracy (early stopping's count)
     train_seconds: float = 0.0
     train_images: float = 0.0

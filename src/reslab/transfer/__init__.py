@@ -260,7 +260,8 @@ def body_parts(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     if not hasattr(model, "stage_names"):
         head = model.get_classifier()
         return [("all-but-head", [m for m in model.children() if m is not head])]
-    stem = [m for m in (getattr(model, "conv1", None), getattr(model, "bn1", None)) if m is not None]
+    stem_names = getattr(model, "stem_names", ("conv1", "bn1"))  # myrtle_resnet9's stem is its `prep`
+    stem = [m for m in (getattr(model, name, None) for name in stem_names) if m is not None]
     parts = [("stem", stem)]
     parts += [(name, [getattr(model, name)]) for name in model.stage_names]
     final = [model.bn_final] if hasattr(model, "bn_final") else []
