@@ -165,3 +165,14 @@ def test_finetune_group_lrs_scale_together(folder, tmp_path, short_tests):
     saved = run_files.load_state(run)["optimizer"]["param_groups"]
     assert len(set(expected)) >= 4  # head, last stage, earlier stages, stem
     assert sorted(g["base_lr"] for g in saved) == pytest.approx(expected)
+
+
+def test_the_parsers_stated_defaults_are_the_finders():
+    from reslab.cli import build_parser
+    from reslab.train.lr_find import END_LR, START_LR, STEPS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["lr-find"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert f"default {START_LR:g})" in helps["start_lr"] and f"default {END_LR:g})" in helps["end_lr"]
+    assert f"default {STEPS};" in helps["steps"]

@@ -19,19 +19,19 @@ NOT_HERE = {"resume": "it tests a new run's setup", "lr_find": "it is the lr fin
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from reslab.cli import train
-    from reslab.train.lr_find import END_LR, START_LR, STEPS
 
+    # Defaults stay None here: reslab.train.lr_find (START_LR, END_LR, STEPS) fills them, and importing
+    # it would import torch, which building the parser must not (`reslab --help` stays instant).
     train.add_arguments(parser)  # the run to test: the same options as `reslab train`
     parser.set_defaults(out=None)
     for action in parser._actions:  # --out names a folder of two files here, not a run
         if action.dest == "out":
             action.help = "folder for lr_find.png and lr_find.json (default runs/lr-find-<model>-<data>-<time>/)"
     group = parser.add_argument_group("range test")
-    group.add_argument("--start-lr", type=float, default=START_LR, help=f"first lr (default {START_LR:g})")
-    group.add_argument("--end-lr", type=float, default=END_LR, help=f"last lr (default {END_LR:g})")
-    group.add_argument("--steps", type=int, default=STEPS,
-                       help=f"optimizer steps, the lr growing exponentially (default {STEPS}; fewer when the loss "
-                            "diverges first)")
+    group.add_argument("--start-lr", type=float, help="first lr (default 1e-07)")
+    group.add_argument("--end-lr", type=float, help="last lr (default 10)")
+    group.add_argument("--steps", type=int, help="optimizer steps, the lr growing exponentially (default 100; fewer "
+                                                 "when the loss diverges first)")
 
 
 def run(args) -> int:
@@ -49,7 +49,8 @@ def run(args) -> int:
     return 0
 
 
-def run_range_test(config, *, start_lr: float, end_lr: float, steps: int, out: str | None):
+def run_range_test(config, *, start_lr: float | None = None, end_lr: float | None = None, steps: int | None = None,
+                   out: str | None = None):
     """(LRFind, folder): set up as `reslab train` would (one process, reslab.train.loop's own set-up),
     run the test, write the files into `out` (default runs/lr-find-<model>-<data>-<time>/)."""
     from reslab.train import lr_find
@@ -57,6 +58,9 @@ def run_range_test(config, *, start_lr: float, end_lr: float, steps: int, out: s
     from reslab.train.distributed import DistContext
     from reslab.train.loop import _setup, make_step
 
+    start_lr = lr_find.START_LR if start_lr is None else start_lr
+    end_lr = lr_find.END_LR if end_lr is None else end_lr
+    steps = lr_find.STEPS if steps is None else steps
     lr_find.check_range(start_lr, end_lr, steps)
     cfg = config.resolve()
     folder = run_files.new_run_dir(out, f"lr-find-{cfg.model}", cfg.data)
