@@ -51,6 +51,12 @@ def check_data(data: str) -> None:
         raise ReslabError(f"data not found: {data!r}; give {', '.join(NAMED)}, an image folder or a CIFAR tarball")
 
 
+def check_epochs(epochs) -> None:
+    """Refuse a schedule length that is not a whole number of epochs, at least one."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ReslabError(f"--epochs must be an integer of at least 1, got {epochs!r}")
+
+
 def steps_per_epoch(train_images: int, batch_size: int) -> int:
     """The trainer's optimizer steps per epoch: a last batch of one image is dropped (train/loop.py)."""
     return train_images // batch_size + (1 if train_images % batch_size > 1 else 0)

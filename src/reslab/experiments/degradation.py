@@ -23,6 +23,7 @@ from pathlib import Path
 from reslab.errors import ReslabError
 from reslab.experiments.common import (
     ERROR_DEFINITIONS,
+    check_epochs,
     claim_experiment_dir,
     default_image_size,
     is_cifar,
@@ -74,8 +75,7 @@ class DegradationConfig:
             if isinstance(depth, bool) or not isinstance(depth, int):
                 raise ReslabError(f"--depths takes integers, got {depth!r}")
             get_model_spec(f"plain{depth}")  # a depth that is not 6n+2 is refused here, with the reason
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ReslabError(f"--epochs must be an integer of at least 1, got {self.epochs!r}")
+        check_epochs(self.epochs)
 
     @classmethod
     def resumed(cls, folder: str, **given) -> DegradationConfig:

@@ -24,6 +24,7 @@ from pathlib import Path
 from reslab.errors import ReslabError
 from reslab.experiments.common import (
     ERROR_DEFINITIONS,
+    check_epochs,
     check_model_names,
     default_out,
     shared_train_config,
@@ -65,8 +66,7 @@ class InceptionConfig:
     def __post_init__(self):
         self.models = list(self.models)
         check_model_names(self.models)
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ReslabError(f"--epochs must be an integer of at least 1, got {self.epochs!r}")
+        check_epochs(self.epochs)
         size = self.image_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
             raise ReslabError(f"--image-size must be an integer of at least 8, got {self.image_size!r}")

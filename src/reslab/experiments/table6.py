@@ -37,6 +37,7 @@ from pathlib import Path
 from reslab.errors import ReslabError
 from reslab.experiments.common import (
     check_data,
+    check_epochs,
     claim_experiment_dir,
     error,
     has_test_split,
@@ -85,8 +86,7 @@ class Table6Config:
                     raise ReslabError(f"--{flag} takes non-negative integers, got {value!r}")
         for depth in self.depths:
             get_model_spec(f"resnet{depth}")  # a depth that is not 6n+2 is refused here, with the reason
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ReslabError(f"--epochs must be an integer of at least 1, got {self.epochs!r}")
+        check_epochs(self.epochs)
 
     @classmethod
     def resumed(cls, folder: str, **given) -> Table6Config:
