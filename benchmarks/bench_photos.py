@@ -170,7 +170,7 @@ def speed(args) -> None:
     from reslab.hardware import resolve_precision, train_channels_last
     from reslab.models import create_model, get_model_spec
     from reslab.train import TrainConfig
-    from reslab.train.loop import build_optimizer, make_step
+    from reslab.train.steps import build_optimizer, make_step
 
     data = data_path(args.data)
     for name in args.variants:

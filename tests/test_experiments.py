@@ -306,6 +306,11 @@ def test_degradation_on_a_cifar_archive_continues_a_killed_experiment(cifar, tmp
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["epoch"], r["iteration"]) for r in rows] == [
         (n, str(e), str(e * steps)) for n in ("plain8", "resnet8") for e in (1, 2)]
+    # The dashed curves come from each net's steps.csv (epochs of 5 steps: one window each).
+    with open(out / "steps.csv", newline="") as f:
+        within = list(csv.DictReader(f))
+    assert [(r["model"], r["iteration"]) for r in within] == [
+        (n, str(e * steps)) for n in ("plain8", "resnet8") for e in (1, 2)]
     assert png_size(out / "degradation.png")[0] > 0
 
 
@@ -314,6 +319,13 @@ def test_degradation_paper_recipe_takes_its_own_lr():
     assert DegradationConfig(recipe="paper").train_config("plain20", Path("x")).resolve().lr == 0.1
     assert DegradationConfig(data="digits").resolved_val_split() is None  # the digits' own split
     assert DegradationConfig(data="cifar10").resolved_val_split() == 0.1
+    # The default schedule: 2 epochs on CIFAR (Figure 6 within 45 minutes on 2 cores), 8 on digits; a
+    # folder of CIFAR images trains as the archive: the paper's split and augmentation.
+    assert DegradationConfig(data="cifar10").resolved_epochs() == 2 and DegradationConfig().resolved_epochs() == 8
+    assert DegradationConfig(data="cifar10", epochs=5).train_config("plain20", Path("x")).epochs == 5
+    folder = DegradationConfig(data="some/folder").train_config("plain20", Path("x"))
+    assert (folder.epochs, folder.val_split, folder.augment) == (2, 0.1, "cifar")
+    assert DegradationConfig().train_config("plain20", Path("x")).augment is None  # the digits' own
 
 
 def test_table6_on_cifar10_reports_each_depth_over_seeds_beside_the_paper(cifar, tmp_path, capsys, one_thread,
@@ -352,11 +364,11 @@ def test_table6_on_cifar10_reports_each_depth_over_seeds_beside_the_paper(cifar,
     assert [d["paper_test_error"] for d in summary["depths"]] == [None, 0.0875]
     assert png_size(out / "table6.png")[0] > 0
     # With a validation split: the weights of the best validation epoch, tested once, after training.
-    from reslab.train import loop
+    from reslab.train import steps
 
     evaluated = []  # the size of each split the trainer evaluates, in order
-    real_evaluate = loop.evaluate
-    monkeypatch.setattr(loop, "evaluate", lambda model, loader, *a, **k: evaluated.append(len(loader.split))
+    real_evaluate = steps.evaluate
+    monkeypatch.setattr(steps, "evaluate", lambda model, loader, *a, **k: evaluated.append(len(loader.split))
                         or real_evaluate(model, loader, *a, **k))
     chosen = run_table6(Table6Config(data="cifar10", depths=[8], seeds=[0], epochs=2, val_split=0.1, precision="fp32",
                                      out=str(tmp_path / "val"), quiet=True))
@@ -413,3 +425,28 @@ def test_table6_warms_resnet110_up_and_refuses_bad_settings():
         Table6Config(seeds=[1, 1])
     with pytest.raises(ReslabError, match="no table6 experiment"):
         Table6Config.resumed("/nonexistent/folder")
+
+
+def test_budget_on_a_cifar_archive_replans_and_reads_the_test_split_once_at_the_end(cifar, tmp_path, monkeypatch,
+                                                                                    one_thread):
+    from reslab.train import TrainConfig, steps, train
+    from reslab.train.budget import BUDGET_AIM
+    from test_recipe import FakeClock
+
+    clock = FakeClock(monkeypatch)  # 1 s a step and 0.25 s an evaluation pass while the budget measures
+    evaluated = []
+    timed_evaluate = steps.evaluate
+    monkeypatch.setattr(steps, "evaluate", lambda model, loader, *a, **k: evaluated.append(len(loader.split))
+                        or timed_evaluate(model, loader, *a, **k))
+
+    def slow_down(epoch, step):  # the real steps take 2 s: the first plan overruns
+        clock.STEP = 2.0
+        return False
+
+    summary = train(TrainConfig(model="resnet8", data=str(cifar), val_split=0.1, budget=80.0, batch_size=32,
+                                image_size=8, precision="fp32", out=str(tmp_path / "run"), quiet=True), stop=slow_down)
+    plan = summary["budget"]
+    assert plan["replans"] and summary["epochs"] < plan["measured_epochs"]
+    assert plan["used_seconds"] <= BUDGET_AIM * 80.0 < plan["used_seconds"] + 5 * 2.0 + 0.25
+    # The validation split after every epoch, the 30 test images once, after the last.
+    assert evaluated == [16] * summary["epochs"] + [30] and summary["test_acc"] is not None

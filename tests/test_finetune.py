@@ -14,7 +14,7 @@ from reslab.checkpoint import read_weights
 from reslab.cli import main
 from reslab.errors import ReslabError
 from reslab.train import TrainConfig, train
-from reslab.train.loop import build_optimizer, make_step
+from reslab.train.steps import build_optimizer, make_step
 from test_train import make_folder
 from test_weights import hub  # noqa: F401 (fixture: a catalog entry served from 127.0.0.1)
 

@@ -23,7 +23,7 @@ from reslab.data.bundle import Split
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.train import TrainConfig, train
-from reslab.train import loop as train_loop
+from reslab.train import steps as train_steps
 from reslab.train.distributed import DistContext, shard_indices
 
 
@@ -73,13 +73,13 @@ def test_start_line_warns_on_an_imbalanced_folder_only(imbalanced, tmp_path, cap
 
 def _spy_loss(monkeypatch) -> list:
     seen = []
-    make_step = train_loop.make_step
+    make_step = train_steps.make_step
 
     def spy(*args, loss_fn, **kwargs):
         seen.append(loss_fn)
         return make_step(*args, loss_fn=loss_fn, **kwargs)
 
-    monkeypatch.setattr(train_loop, "make_step", spy)
+    monkeypatch.setattr(train_steps, "make_step", spy)
     return seen
 
 
@@ -180,7 +180,7 @@ SCRIPT = [{"acc": 0.9, "balanced_accuracy": 0.5, "macro_f1": 0.47},
 def test_best_weights_follow_balanced_accuracy_when_on(imbalanced, tmp_path, monkeypatch, option, best_epoch,
                                                        one_thread):
     epochs = iter(SCRIPT)
-    monkeypatch.setattr(train_loop, "evaluate", lambda *a, **k: {"loss": 0.3, "count": 11.0, **next(epochs)})
+    monkeypatch.setattr(train_steps, "evaluate", lambda *a, **k: {"loss": 0.3, "count": 11.0, **next(epochs)})
     run = tmp_path / "run"
     train(config(imbalanced, run, epochs=3, **({option: "balanced"} if option else {})))
     summary = json.loads((run / "summary.json").read_text())
@@ -201,7 +201,7 @@ def test_validation_scores_are_the_confusion_summed_over_ranks(one_thread):
         predicted = model(x).argmax(1)
     assert len(predicted.unique()) > 1  # a model that calls everything one class would test little
 
-    whole = train_loop.evaluate(model, BatchLoader(split, 8, shuffle=False), "fp32")
+    whole = train_steps.evaluate(model, BatchLoader(split, 8, shuffle=False), "fp32")
     assert whole["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
     assert whole["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
 
@@ -216,9 +216,9 @@ def test_validation_scores_are_the_confusion_summed_over_ranks(one_thread):
 
     shards = [split.subset(shard_indices(len(split), DistContext(r, 2))) for r in range(2)]
     rank1 = Recorder()
-    train_loop.evaluate(model, BatchLoader(shards[1], 8, shuffle=False), "fp32", rank1)
-    reduced = train_loop.evaluate(model, BatchLoader(shards[0], 8, shuffle=False), "fp32", Rank0())
-    alone = train_loop.evaluate(model, BatchLoader(shards[0], 8, shuffle=False), "fp32")
+    train_steps.evaluate(model, BatchLoader(shards[1], 8, shuffle=False), "fp32", rank1)
+    reduced = train_steps.evaluate(model, BatchLoader(shards[0], 8, shuffle=False), "fp32", Rank0())
+    alone = train_steps.evaluate(model, BatchLoader(shards[0], 8, shuffle=False), "fp32")
     assert reduced["balanced_accuracy"] == pytest.approx(whole["balanced_accuracy"])
     assert reduced["macro_f1"] == pytest.approx(whole["macro_f1"])
     assert reduced["count"] == 30 and alone["count"] == 15
@@ -268,7 +268,7 @@ def test_bad_values_are_refused_in_one_line(imbalanced, tmp_path, capsys):
 def test_early_stopping_watches_the_same_score(imbalanced, tmp_path, monkeypatch, capsys, option, stopped_after,
                                                said, one_thread):
     epochs = iter(SCRIPT)
-    monkeypatch.setattr(train_loop, "evaluate", lambda *a, **k: {"loss": 0.3, "count": 11.0, **next(epochs)})
+    monkeypatch.setattr(train_steps, "evaluate", lambda *a, **k: {"loss": 0.3, "count": 11.0, **next(epochs)})
     summary = train(config(imbalanced, tmp_path / "run", epochs=3, early_stop=1, quiet=False,
                            **({option: "balanced"} if option else {})))
     assert summary["stopped"] == "early_stop" and summary["epochs"] == stopped_after

@@ -16,8 +16,9 @@ from reslab.errors import ReslabError
 from reslab.train import TrainConfig, lr_find, train
 from reslab.train import state as run_files
 from reslab.train.distributed import DistContext
-from reslab.train.loop import _setup, build_optimizer, make_step
+from reslab.train.loop import _setup
 from reslab.train.lr_find import find_lr, suggest, sweep
+from reslab.train.steps import build_optimizer, make_step
 from test_train import make_folder, tiny_config
 
 

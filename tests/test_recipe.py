@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from reslab.errors import ReslabError
 from reslab.train import TrainConfig, train
-from reslab.train import loop as train_loop
+from reslab.train import budget as train_budget
+from reslab.train import steps as train_steps
+from reslab.train.budget import BUDGET_AIM
 from reslab.train.schedule import lr_multiplier
 from reslab.train.state import load_state
 from test_train import make_folder, tiny_config
@@ -37,7 +39,8 @@ class FakeClock:
 
     def __init__(self, monkeypatch):
         self.now = 0.0
-        make_step, evaluate_sums, flip_sums = train_loop.make_step, train_loop.evaluate_sums, train_loop.flip_sums
+        make_step, evaluate_sums = train_steps.make_step, train_steps.evaluate_sums
+        flip_sums = train_budget.flip_sums
 
         def timed_make_step(*args, **kwargs):
             step = make_step(*args, **kwargs)
@@ -56,10 +59,10 @@ class FakeClock:
             self.now += 2 * self.EVAL
             return flip_sums(*args, **kwargs)
 
-        monkeypatch.setattr(train_loop, "clock", lambda: self.now)
-        monkeypatch.setattr(train_loop, "flip_sums", timed_flip_sums)
-        monkeypatch.setattr(train_loop, "make_step", timed_make_step)
-        monkeypatch.setattr(train_loop, "evaluate_sums", timed_evaluate_sums)
+        monkeypatch.setattr(train_budget, "clock", lambda: self.now)
+        monkeypatch.setattr(train_budget, "flip_sums", timed_flip_sums)
+        monkeypatch.setattr(train_steps, "make_step", timed_make_step)
+        monkeypatch.setattr(train_steps, "evaluate_sums", timed_evaluate_sums)
 
 
 def _weights(run):
@@ -79,11 +82,14 @@ def test_budget_fits_the_epochs_to_a_fake_clock_and_records_them(folder, tmp_pat
     run = tmp_path / "run"
     summary = train(tiny_config(folder, run, epochs=None, budget=budget))
     # 27 training images in batches of 8: 4 steps an epoch, then one validation pass. Measuring ran
-    # 2 warm-up and 3 timed steps and 2 validation passes (5.5 s), so (budget - 5.5) // 4.25 epochs fit.
+    # 2 warm-up and 3 timed steps and 2 validation passes (5.5 s), so (0.98 budget - 5.5) // 4.25 epochs
+    # fit: the plan aims at BUDGET_AIM of the budget.
     epoch_seconds, spent = 4 * clock.STEP + clock.EVAL, 5 * clock.STEP + 2 * clock.EVAL
-    expected = int((budget - spent) // epoch_seconds)
+    expected = int((BUDGET_AIM * budget - spent) // epoch_seconds)
     assert summary["epochs"] == summary["planned_epochs"] == expected >= 1
-    assert summary["budget"]["used_seconds"] <= budget < summary["budget"]["used_seconds"] + epoch_seconds
+    used = summary["budget"]["used_seconds"]
+    assert used <= BUDGET_AIM * budget < used + epoch_seconds
+    assert summary["budget"]["replans"] == []  # the real epochs took what was measured
     assert summary["budget"]["step_seconds"] == pytest.approx(clock.STEP)
     record = json.loads((run / "config.json").read_text())
     assert record["config"]["epochs"] == expected and record["config"]["budget"] is None
@@ -101,7 +107,7 @@ def test_budget_fits_the_epochs_to_a_fake_clock_and_records_them(folder, tmp_pat
 def test_budget_run_is_the_run_of_its_epochs_and_resumes_bitwise_with_every_ingredient(folder, tmp_path,
                                                                                      monkeypatch):
     FakeClock(monkeypatch)
-    # (16 - 5.5 - 2 x 0.25 for flipping) // (4 + 2 x 0.25), EMA evaluated too: 2 epochs
+    # (0.98 x 16 - 5.5 - 2 x 0.25 for flipping) // (4 + 2 x 0.25), EMA evaluated too: 2 epochs
     options = dict(epochs=None, budget=16.0, **ALL_ON)
     planned = train(tiny_config(folder, tmp_path / "planned", **options))
     assert planned["epochs"] == 2
@@ -119,6 +125,53 @@ def test_budget_run_is_the_run_of_its_epochs_and_resumes_bitwise_with_every_ingr
     assert fixed["best_val_acc"] == resumed["best_val_acc"] and fixed["best_weights"] == resumed["best_weights"]
 
 
+@pytest.mark.parametrize("real_step", [2.0, 0.5])
+def test_budget_replans_from_the_real_epochs_and_ends_within_an_epoch_of_its_aim(folder, tmp_path, monkeypatch,
+                                                                                 real_step):
+    clock, budget = FakeClock(monkeypatch), 60.0
+
+    def change_speed(epoch, step):  # measured at 1 s a step; from the first real step on, `real_step`
+        clock.STEP = real_step
+        return False
+
+    summary = train(tiny_config(folder, tmp_path / "run", epochs=None, budget=budget), stop=change_speed)
+    plan = summary["budget"]
+    # (0.98 x 60 - 5.5) // 4.25: the measurement's plan; the real epochs are 4 x real_step + 0.25 s.
+    assert plan["measured_epochs"] == 12 and plan["replans"]
+    assert (summary["epochs"] < 12) if real_step > 1 else (summary["epochs"] > 12)
+    assert summary["epochs"] == summary["planned_epochs"] == plan["epochs"] == plan["replans"][-1]["epochs"]
+    real_epoch = 4 * real_step + clock.EVAL
+    assert plan["used_seconds"] <= BUDGET_AIM * budget < plan["used_seconds"] + real_epoch
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["config"]["epochs"] == summary["epochs"] and record["budget"]["replans"] == plan["replans"]
+    # The one-cycle schedule still ends at the last step; the warm-up is the first plan's.
+    steps = 4 * summary["epochs"]
+    warmup = round(record["config"]["warmup_epochs"] * 4)
+    assert record["config"]["warmup_epochs"] == pytest.approx(0.25 * 12)
+    assert load_state(tmp_path / "run")["rows"][-1][1] == pytest.approx(
+        record["config"]["lr"] * lr_multiplier("onecycle", steps - 1, steps, warmup))
+
+
+def test_a_replanned_budget_run_resumes_bitwise(folder, tmp_path, monkeypatch):
+    clock = FakeClock(monkeypatch)
+
+    def slow(epoch, step):
+        clock.STEP = 2.0
+        return False
+
+    whole = train(tiny_config(folder, tmp_path / "whole", epochs=None, budget=60.0), stop=slow)
+    last = whole["epochs"]
+    assert whole["budget"]["replans"] and last < whole["budget"]["measured_epochs"]
+    clock.now, clock.STEP = 0.0, 1.0
+    # Killed in the last epoch, after every re-plan; the resumed run keeps the re-planned length.
+    cut = train(tiny_config(folder, tmp_path / "cut", epochs=None, budget=60.0),
+                stop=lambda epoch, step: slow(epoch, step) or (epoch, step) == (last, 1))
+    assert cut["interrupted"]
+    resumed = train(TrainConfig(resume=str(tmp_path / "cut"), quiet=True))
+    assert resumed["epochs"] == last and resumed["stopped"] == "completed"
+    assert _same_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "cut"))
+
+
 def test_cli_end_line_says_how_the_budget_was_spent(folder, tmp_path, monkeypatch, capsys):
     from reslab.cli import main
 
@@ -128,10 +181,11 @@ def test_cli_end_line_says_how_the_budget_was_spent(folder, tmp_path, monkeypatc
             "--budget", "30s", "--flip", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    # (30 - 5.5 - 0.5) // 4.25 = 5 epochs; the end measures flipping on the validation split (2
+    # (0.98 x 30 - 5.5 - 0.5) // 4.25 = 5 epochs; the end measures flipping on the validation split (2
     # passes: the images and their mirror images): 5.5 + 5 x 4.25 + 0.5 = 27.25 s of the 30.
-    assert out[-1].startswith("used 27.2s of 30s: 6s loading and measuring (1 s a step), then 5 epochs planned at "
-                              "4.2s each with evaluation and checkpoint, and 0.5s for the final evaluations"), out[-1]
+    assert out[-1].startswith("used 27.2s of 30s (91%): 6s loading and measuring (1 s a step), then 5 epochs "
+                              "planned at 4.2s each with evaluation and checkpoint, and 0.5s for the final "
+                              "evaluations"), out[-1]
 
 
 def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):
@@ -198,6 +252,9 @@ def test_photo_defaults_follow_the_folders_image_size_and_count(monkeypatch, cou
     chosen, why = folder_module.photo_choice("anything")
     assert (chosen["model"], chosen["image_size"], chosen["epochs"]) == expected
     assert why.startswith(f"{count:,} images of about {side} px")
+    assert ("epochs show about" in why) == (expected[2] != 30)
+    # Under --budget the budget fixes the epochs: the reason names none.
+    assert "epochs" not in folder_module.photo_choice("anything", budget=True)[1]
 
 
 def test_folder_facts_reads_headers_and_counts_images(folder):
@@ -272,7 +329,7 @@ def test_training_measures_test_time_flipping_on_validation_and_records_what_pay
     run = tmp_path / "run"
     summary = train(tiny_config(folder, run, epochs=2, augment="folder", flip=True, precision="fp32"))
     accs, (gained, lost) = summary["tta_val_acc"], summary["tta_gained_lost"]
-    assert summary["tta"] == ("flip" if train_loop.choose_tta(gained, lost) else "none")
+    assert summary["tta"] == ("flip" if train_budget.choose_tta(gained, lost) else "none")
     _, meta = load_model(run)
     assert meta.extra["tta"] == summary["tta"] and meta.extra["tta_val_acc"] == accs
     assert accs["flip"] - accs["none"] == pytest.approx((gained - lost) / 9)  # 9 validation images
@@ -288,7 +345,7 @@ def test_training_measures_test_time_flipping_on_validation_and_records_what_pay
 
 def test_weight_ema_follows_the_update_rule():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    ema = train_loop.WeightEMA(model, decay=0.9)
+    ema = train_steps.WeightEMA(model, decay=0.9)
     start = {k: v.clone() for k, v in ema.model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():

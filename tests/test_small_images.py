@@ -10,7 +10,7 @@ import torch
 
 from reslab.data.augment import POLICIES, augment, get_policy
 from reslab.train import TrainConfig, train
-from reslab.train import loop as train_loop
+from reslab.train import budget as train_budget
 from test_train import make_folder, tiny_config
 
 
@@ -151,7 +151,7 @@ def test_no_flip_from_the_command_line_and_refused_with_resume(tmp_path):
     (15, 40, False),
 ])
 def test_test_time_flip_is_chosen_only_by_a_margin(gained, lost, chosen):
-    assert train_loop.choose_tta(gained, lost) is chosen
+    assert train_budget.choose_tta(gained, lost) is chosen
 
 
 def test_flip_sums_scores_both_ways_from_two_passes_and_agrees_with_the_predictor():
@@ -162,7 +162,7 @@ def test_flip_sums_scores_both_ways_from_two_passes_and_agrees_with_the_predicto
     calls = []
     net.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
-    count, plain, flipped, gained, lost = train_loop.flip_sums(net, [(x[:6], y[:6]), (x[6:], y[6:])], "fp32").tolist()
+    count, plain, flipped, gained, lost = train_budget.flip_sums(net, [(x[:6], y[:6]), (x[6:], y[6:])], "fp32").tolist()
     assert calls == [6, 6, 4, 4]  # the plain logits serve both scores: 2 passes per batch, not 3
     with torch.no_grad():
         expected_plain = (net(x).argmax(1) == y).sum().item()
@@ -176,7 +176,7 @@ def test_training_keeps_no_flip_when_flipping_wins_by_noise(folder, tmp_path, mo
 
     # 200 validation images: 160 right without flip, 162 with (3 gained, 1 lost): ahead, but by noise.
     fixed = torch.tensor([200.0, 160.0, 162.0, 3.0, 1.0], dtype=torch.float64)
-    monkeypatch.setattr(train_loop, "flip_sums", lambda model, loader, precision: fixed)
+    monkeypatch.setattr(train_budget, "flip_sums", lambda model, loader, precision: fixed)
     run = tmp_path / "run"
     summary = train(tiny_config(folder, run, epochs=1, augment="folder", flip=True))
     assert summary["tta_val_acc"] == {"none": 0.8, "flip": 0.81} and summary["tta_gained_lost"] == [3, 1]

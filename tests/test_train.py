@@ -59,11 +59,27 @@ def folder(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("data") / "shapes")
 
 
+def test_steps_csv_holds_the_training_error_within_epochs(folder, tmp_path, monkeypatch):
+    from reslab.train import loop
+    from reslab.train.state import read_metrics
+
+    # 27 training images in batches of 8, 8, 8 and 3: with a row every 2 steps, two windows an epoch.
+    monkeypatch.setattr(loop, "SYNC_EVERY", 1)
+    monkeypatch.setattr(loop, "POINTS_PER_EPOCH", 2)
+    run = tmp_path / "run"
+    train(tiny_config(folder, run))
+    steps, epochs = read_metrics(run / "steps.csv"), read_metrics(run / "metrics.csv")
+    assert [(s["step"], s["epoch"]) for s in steps] == [(2, 0.5), (4, 1.0), (6, 1.5), (8, 2.0)]
+    for epoch, (a, b) in zip(epochs, [steps[0:2], steps[2:4]], strict=True):  # the windows make up the epoch
+        assert (16 * a["train_acc"] + 11 * b["train_acc"]) / 27 == pytest.approx(epoch["train_acc"], abs=1e-5)
+        assert (16 * a["train_loss"] + 11 * b["train_loss"]) / 27 == pytest.approx(epoch["train_loss"], rel=1e-4)
+
+
 def test_short_run_writes_every_file_consistently(folder, tmp_path):
     run = tmp_path / "run"
     summary = train(tiny_config(folder, run))
     for name in ("config.json", "metrics.csv", "summary.json", "best.safetensors", "last.safetensors",
-                 "last.state.pt", "curves.png"):
+                 "last.state.pt", "curves.png", "steps.csv"):
         assert (run / name).is_file(), name
     assert not list(run.glob(".*.tmp")), "temporary files left behind"
     assert not (run / ".lock").exists(), "the run's lock outlived it"

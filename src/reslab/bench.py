@@ -6,7 +6,7 @@
 A measurement is a few warm-up steps (allocator, oneDNN primitive caches, compilation), then as
 many steps as fit in a timed window. Training is timed end to end: the in-memory uint8 data
 pipeline (reslab.data.BatchLoader, augmentation on) feeding the trainer's own step function
-(reslab.train.loop.make_step). Inference times the backend's forward pass on one normalized float
+(reslab.train.steps.make_step). Inference times the backend's forward pass on one normalized float
 batch, the same tensor for every peer.
 
 GFLOP/s are counted from the model's MACs (reslab.models.complexity): 2 FLOPs per MAC for a
@@ -336,7 +336,7 @@ def train_step(cfg: BenchConfig, model: nn.Module) -> tuple[Callable[[], object]
     """reslab's training step fed by its loader, cycling over a few batches of synthetic uint8 images."""
     from reslab.data import BatchLoader
     from reslab.train.config import TrainConfig
-    from reslab.train.loop import build_optimizer, make_step
+    from reslab.train.steps import build_optimizer, make_step
 
     device = cfg.torch_device
     if cfg.textbook:

@@ -126,7 +126,9 @@ def degradation(curves: dict[str, dict], path: str | os.PathLike) -> Path:
 
     `curves` maps a model name to {"depth", "residual", "epoch": [...], "train_error": [...],
     "val_error": [...]} with errors as fractions (drawn as percentages, as the paper does), and
-    optionally "iteration": [...], the optimizer steps at each epoch's end: the paper's x axis.
+    optionally "iteration": [...], the optimizer steps at each epoch's end: the paper's x axis, and
+    "steps": {"iteration": [...], "train_error": [...]}, the training error within epochs (the
+    trainer's steps.csv), which then draws the dashed curve.
     """
     colours = depth_colours(c["depth"] for c in curves.values())
     fig, axes = figure(2, 1, width=4.6, height=3.6, sharey=True)
@@ -135,7 +137,11 @@ def degradation(curves: dict[str, dict], path: str | os.PathLike) -> Path:
     for name, c in sorted(curves.items(), key=lambda kv: kv[1]["depth"]):
         ax, colour = panels[bool(c["residual"])], colours[c["depth"]]
         x = c["iteration"] if by_iteration else c["epoch"]
-        ax.plot(x, [100 * e for e in c["train_error"]], "--", color=colour, lw=1.2)
+        within = c.get("steps") or {}
+        if by_iteration and within.get("iteration"):
+            ax.plot(within["iteration"], [100 * e for e in within["train_error"]], "--", color=colour, lw=1.2)
+        else:
+            ax.plot(x, [100 * e for e in c["train_error"]], "--", color=colour, lw=1.2)
         # A data set without a validation split has no bold line; the legend still names the net.
         val = [float("nan") if e is None else 100 * e for e in c["val_error"]]
         ax.plot(x, val, "-", color=colour, lw=2.4, label=name)

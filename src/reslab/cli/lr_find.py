@@ -56,7 +56,8 @@ def run_range_test(config, *, start_lr: float | None = None, end_lr: float | Non
     from reslab.train import lr_find
     from reslab.train import state as run_files
     from reslab.train.distributed import DistContext
-    from reslab.train.loop import _setup, make_step
+    from reslab.train.loop import _setup
+    from reslab.train.steps import make_step
 
     start_lr = lr_find.START_LR if start_lr is None else start_lr
     end_lr = lr_find.END_LR if end_lr is None else end_lr

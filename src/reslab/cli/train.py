@@ -175,10 +175,17 @@ def budget_line(budget: dict) -> str:
     """How a --budget run spent its time, in one line."""
     from reslab.train.config import format_duration
 
-    used = budget.get("used_seconds")
-    spent = f"used {format_duration(used)} of {format_duration(budget['seconds'])}" if used is not None else (
-        f"budget {format_duration(budget['seconds'])}")
+    used, seconds = budget.get("used_seconds"), budget["seconds"]
+    spent = f"budget {format_duration(seconds)}"
+    if used is not None:
+        spent = f"used {format_duration(used)} of {format_duration(seconds)} ({100 * used / seconds:.0f}%)"
+    replans = budget.get("replans") or []
+    replanned = ""
+    if replans:
+        last = replans[-1]["epoch_seconds"]
+        replanned = (f"; re-planned to {budget['epochs']} epochs from the real epochs ({last:.1f}s each, "
+                     f"{len(replans)} re-plan{'s' if len(replans) > 1 else ''})")
     return (f"{spent}: {budget['setup_seconds']:.0f}s loading and measuring ({budget['step_seconds']:.3g} s a step), "
-            f"then {budget['epochs']} epochs planned at {budget['epoch_seconds']:.1f}s each with evaluation and "
-            f"checkpoint, and {budget['final_seconds']:.1f}s for the final evaluations (test split, test-time flip) "
-            f"(planned {format_duration(budget['planned_seconds'])})")
+            f"then {budget.get('measured_epochs', budget['epochs'])} epochs planned at {budget['epoch_seconds']:.1f}s "
+            f"each with evaluation and checkpoint, and {budget['final_seconds']:.1f}s for the final evaluations "
+            f"(test split, test-time flip){replanned} (planned {format_duration(budget['planned_seconds'])})")

@@ -112,8 +112,9 @@ def _is_gray(image) -> bool:
     return bool(np.abs(pixels - pixels[..., :1]).max() <= GRAY_TOLERANCE)
 
 
-def photo_choice(spec: str) -> tuple[dict, str]:
-    """PHOTO_DEFAULTS adapted to the folder `spec` (its image size and count), and why, in words."""
+def photo_choice(spec: str, budget: bool = False) -> tuple[dict, str]:
+    """PHOTO_DEFAULTS adapted to the folder `spec` (its image size and count), and why, in words (with
+    a `budget`, the budget fixes the epochs, so the words leave them out)."""
     count, side, gray = folder_facts(spec)
     chosen = dict(PHOTO_DEFAULTS)
     epochs = min(PHOTO_DEFAULTS["epochs"], max(PHOTO_MIN_EPOCHS, round(PHOTO_IMAGES_SEEN / max(count, 1))))
@@ -126,7 +127,7 @@ def photo_choice(spec: str) -> tuple[dict, str]:
             chosen.update(SMALL_IMAGE_RECIPE)
             chosen.pop("lr")  # the recipe's own
             why += ", the recipe's lr, no augmentation and no mirror"
-    if epochs != PHOTO_DEFAULTS["epochs"]:
+    if epochs != PHOTO_DEFAULTS["epochs"] and not budget:
         why += f"; {epochs} epochs show about {PHOTO_IMAGES_SEEN:,} images"
     return chosen, why
 

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from torch import nn
@@ -142,7 +142,7 @@ def train_error_eval(run_dir: Path, data, precision: str) -> float:
     from reslab.checkpoint import LAST, load_model
     from reslab.data import BatchLoader
     from reslab.hardware import resolve_precision
-    from reslab.train.loop import evaluate_sums
+    from reslab.train.steps import evaluate_sums
 
     model, _ = load_model(run_dir / LAST)
     loader = BatchLoader(data.train, 256, shuffle=False, mean=data.mean, std=data.std)
@@ -161,6 +161,8 @@ class TrainedNet:
     metrics: list[dict]
     train_errors: list[float]
     val_errors: list[float | None]
+    # steps.csv: the training loss and error over windows of about a tenth of an epoch, by step.
+    steps: list[dict] = field(default_factory=list)
 
     def errors(self, data) -> dict:
         """The error fields every training experiment reports (ERROR_DEFINITIONS); `data` is the
@@ -193,7 +195,7 @@ def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None =
     net; a net that stops before its end (Ctrl-C, `stop`) ends the experiment with a ReslabError
     that says how to continue it."""
     from reslab.train import train
-    from reslab.train.state import METRICS, read_metrics
+    from reslab.train.state import METRICS, STEPS, read_metrics
 
     for k, (name, cfg) in enumerate(configs.items()):
         if progress is not None:
@@ -205,8 +207,9 @@ def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None =
                               f"{result['run_dir']}); continue the experiment with --resume {Path(cfg.out).parent}")
         run_dir = Path(result["run_dir"])
         metrics = read_metrics(run_dir / METRICS)
+        steps = read_metrics(run_dir / STEPS) if (run_dir / STEPS).is_file() else []  # none before steps.csv
         yield TrainedNet(name, cfg, result, run_dir, metrics, [error(m["train_acc"]) for m in metrics],
-                         [error(m["val_acc"]) for m in metrics])
+                         [error(m["val_acc"]) for m in metrics], steps)
 
 
 def continue_run(cfg, stop: Callable[[int, int], bool] | None = None) -> dict:

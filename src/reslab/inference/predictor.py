@@ -65,7 +65,7 @@ def flip_average(logits: torch.Tensor, mirrored_logits: torch.Tensor) -> torch.T
 
 def resolve_tta(tta: str | None, meta: CheckpointMeta) -> str:
     """The test-time augmentation to use: the one asked for, else the one the checkpoint's training
-    found paying on its validation split (`extra["tta"]`, reslab.train.loop.choose_tta), else none.
+    found paying on its validation split (`extra["tta"]`, reslab.train.budget.choose_tta), else none.
     A model trained without mirror images (`extra["flip"]` false: --no-flip, or a policy that does
     not flip) is never flipped by default, whatever else its metadata says: its classes may not
     survive a mirror (digits, text)."""

@@ -5,6 +5,7 @@
 """
 
 from reslab.train.config import TrainConfig
-from reslab.train.loop import make_step, train
+from reslab.train.loop import train
+from reslab.train.steps import make_step
 
 __all__ = ["TrainConfig", "make_step", "train"]

@@ -13,21 +13,14 @@ holds the weights, the EMA weights, optimizer, partial-epoch sums and RNG; a run
 then runs the very operations the uninterrupted run would have, so on the CPU the final weights
 are bitwise equal.
 
-A `--budget` run measures its step, evaluation and checkpoint times on copies of the model and
-optimizer (`_measure`), then fixes the epochs that fit (`_plan_budget`); the real model, optimizer
-and RNG are untouched by the measurement, so the run is the very run `--epochs N` would be.
+Around it: the step and evaluation (steps.py), a `--budget` run's plan and re-plans and the
+end-of-run measurements (budget.py), the run's files (records.py), the progress bar (bar.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import json
-import signal
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,233 +29,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.checkpoint import BEST, LAST, CheckpointMeta, read_weights, save_weights, unwrap
+from reslab.checkpoint import BEST, CheckpointMeta, read_weights, save_weights
 from reslab.data import balance
 from reslab.data.augment import get_policy
 from reslab.errors import ReslabError
 from reslab.hardware import default_device, describe, resolve_precision, train_channels_last
-from reslab.io import write_json
-from reslab.train import distributed, lr_find
+from reslab.train import budget, distributed, lr_find, records, steps
 from reslab.train import state as run_files
-from reslab.train.config import TrainConfig, format_duration
+from reslab.train.bar import EpochBar, sigint_flag
+from reslab.train.config import TrainConfig
 from reslab.train.distributed import DistContext
-from reslab.train.schedule import budget_epochs, lr_multiplier, set_lr
+from reslab.train.schedule import lr_multiplier, set_lr
 from reslab.train.state import EpochRow, PartialEpoch, Progress
 from reslab.train.tensorboard import event_log
 
 # Host syncs (loss to Python for the progress bar and the NaN check) happen once per this many
 # steps; a GPU step then never waits on the host.
 SYNC_EVERY = 10
-# The wall clock of budgets and epoch times (a test replaces it with a fake one).
-clock = time.perf_counter
-# A budget's measurement: steps run before timing (the first ones build kernels and allocate), and
-# how long the timed steps run: this share of the budget, within the bounds, at least 3 steps.
-BUDGET_WARMUP_STEPS = 2
-BUDGET_MEASURE_SHARE, BUDGET_MEASURE_BOUNDS = 0.01, (1.0, 30.0)
-BUDGET_MEASURE_EPOCHS = 10  # the most epochs of batches the measurement may run through
-# curves.png is redrawn after an epoch only when it is this old (seconds), and when the run stops.
-CURVES_EVERY = 30.0
-
-
-class WeightEMA:
-    """An exponential moving average of the weights (Polyak and Juditsky 1992; timm's ModelEmaV2):
-    after every step each float tensor of the state dict (BatchNorm statistics included) moves
-    towards the model's by 1 - d, with d = min(decay, (1 + step) / (10 + step)) so that the first
-    steps do not average in the random initialization for long. A pure function of the steps, so
-    its state in last.state.pt resumes it exactly."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for q in self.model.parameters():
-            q.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        pairs = [(e, m) for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)]
-        floats = [(e, m) for e, m in pairs if e.is_floating_point()]
-        torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1 - d)
-        for e, m in pairs:
-            if not e.is_floating_point():
-                e.copy_(m)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Groups: weights / norms and biases (fast recipe: no decay, as Goyal et al. 2017 sec. 5.1
-    and timm), the classifier at lr * head_lr_mult, and with `layer_decay` < 1 each earlier part of
-    the body (stage, stem) at layer_decay times the next one's lr (discriminative fine-tuning, Howard
-    and Ruder 2018). Parameters frozen by --freeze are left out."""
-    head = {id(p) for p in model.get_classifier().parameters()}
-    depth = _depth_below_top(model) if cfg.layer_decay != 1 else {}
-    groups: dict[tuple[bool, int, bool], list] = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = cfg.no_decay_norm_bias and p.ndim <= 1
-        is_head = id(p) in head and cfg.head_lr_mult != 1
-        groups.setdefault((is_head, 0 if is_head else depth.get(id(p), 0), no_decay), []).append(p)
-    param_groups = []
-    for (is_head, below, no_decay), params in sorted(groups.items()):
-        lr = cfg.lr * (cfg.head_lr_mult if is_head else cfg.layer_decay**below)
-        param_groups.append({"params": params, "lr": lr, "base_lr": lr,
-                             "weight_decay": 0.0 if no_decay else cfg.weight_decay})
-    if not param_groups:
-        raise ReslabError(f"--freeze {cfg.freeze} leaves no trainable parameter; freeze fewer layers")
-    # One fused kernel for all parameters instead of a Python loop over them (CPU and CUDA): ResNet-20's
-    # SGD step 1.27 -> 0.21 ms on 1 thread (benchmarks/RESULTS.md, "Training step").
-    fused = {"fused": True} if _fusable(param_groups) else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(param_groups, lr=cfg.lr, **fused)
-
-
-def _fusable(param_groups: list[dict]) -> bool:
-    """Whether torch's fused optimizer kernels take these parameters (floating, on the CPU or CUDA)."""
-    params = [p for group in param_groups for p in group["params"]]
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def _depth_below_top(model: nn.Module) -> dict[int, int]:
-    """id(parameter) -> how many parts (stages, then the stem) it sits below the last stage."""
-    from reslab.transfer import body_parts
-
-    parts = body_parts(model)  # stem, stage 1 .. stage N, then what follows the last stage
-    last_stage = max(len(parts) - 2, 0)
-    return {id(p): max(last_stage - i, 0) for i, (_, modules) in enumerate(parts) for m in modules
-            for p in m.parameters()}
-
-
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str, grad_clip: float | None,
-              loss_fn: Callable) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One optimizer step as a function `step(x, y) -> (loss, correct)`, both 0-dim tensors on the device.
-
-    Forward under bf16 autocast when `precision == "bf16"` (weights and the optimizer stay fp32),
-    `loss_fn(logits, y)`, backward, optional global-norm clipping, step, zero_grad(set_to_none).
-    `y` is class indices, or soft targets (N x classes, mixup/cutmix): then `correct` counts the
-    predictions of each example's larger share. No `.item()`: the caller decides when to sync.
-    """
-    device_type = next(model.parameters()).device.type
-    autocast = precision == "bf16"
-    params = [p for p in model.parameters()]
-    # Inception nets with aux_logits return (logits, *aux) in training; the paper weights each
-    # auxiliary loss (GoogLeNet 0.3: Szegedy et al. 2014, section 5).
-    aux_weights = getattr(unwrap(model), "aux_loss_weights", ())
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(x)
-            logits = out[0] if isinstance(out, tuple) else out
-            loss = loss_fn(logits.float(), y)
-            if isinstance(out, tuple):
-                loss = loss + sum(w * loss_fn(a.float(), y) for w, a in zip(aux_weights, out[1:], strict=True))
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), (logits.argmax(1) == (y.argmax(1) if y.dim() > 1 else y)).sum()
-
-    return step
-
-
-@torch.inference_mode()
-def evaluate_sums(model: nn.Module, loader, precision: str, confusion: torch.Tensor | None = None) -> torch.Tensor:
-    """[loss sum, correct, count] over a loader (plain cross-entropy), as sums so ranks can add them;
-    `confusion` (flat, classes x classes: true class by predicted), when given, gains the pass's counts."""
-    model.eval()
-    device_type = next(model.parameters()).device.type
-    sums = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
-    for x, y in loader:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(x).float()
-        sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                             (logits.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=sums.device)])
-        if confusion is not None:
-            k = logits.shape[1]
-            confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
-    return sums
-
-
-def evaluate(model: nn.Module, loader, precision: str, ctx: DistContext | None = None) -> dict[str, float]:
-    """{"loss", "acc", "count", "balanced_accuracy", "macro_f1"} over `loader`; with several ranks, over
-    all their shards together (the confusion matrix summed over ranks before the scores)."""
-    k = unwrap(model).get_classifier().out_features
-    confusion = torch.zeros(k * k, dtype=torch.float64, device=next(model.parameters()).device)
-    sums = torch.cat([evaluate_sums(model, loader, precision, confusion), confusion]).tolist()
-    if ctx is not None:
-        sums = list(ctx.all_reduce_sums(dict(enumerate(sums))).values())
-    loss, correct, count = sums[:3]
-    return {"loss": loss / count, "acc": correct / count, "count": count, **balance.scores(sums[3:], k)}
-
-
-@contextlib.contextmanager
-def sigint_flag():
-    """Ctrl-C sets a flag (the loop finishes its step and checkpoints); a second Ctrl-C aborts."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        flag.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class _Bar:
-    """A rich bar per epoch and one line per epoch that stays; silent on ranks > 0 and with --quiet."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            from reslab.console import live_bars_work
-
-            self.console = Console(stderr=True)
-            self.bar = Progress(
-                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  {task.fields[ips]:.0f} img/s"),
-                TimeRemainingColumn(), console=self.console, transient=True,
-                disable=not live_bars_work(self.console),
-            )
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
-
-    def start_epoch(self, label: str, total: int, done: int) -> None:
-        if self.bar:
-            self.task = self.bar.add_task("", total=total, completed=done, epoch=label, loss=0.0, acc=0.0, ips=0.0)
-
-    def update(self, done: int, loss: float, acc: float, ips: float) -> None:
-        if self.bar:
-            self.bar.update(self.task, completed=done, loss=loss, acc=acc, ips=ips)
-
-    def end_epoch(self, line: str) -> None:
-        if self.bar:
-            self.bar.remove_task(self.task)
-            self.console.print(line, highlight=False, soft_wrap=True)
-
-    def print(self, line: str) -> None:
-        if self.enabled:
-            self.console.print(line, highlight=False, soft_wrap=True)
-
+# steps.csv gets a row about this many times an epoch (at host syncs: a multiple of SYNC_EVERY steps).
+POINTS_PER_EPOCH = 10
 
 @dataclass
 class Run:
@@ -284,10 +69,11 @@ class Run:
     precision: str
     channels_last: bool
     weights_meta: dict  # what every weights file says about itself (CheckpointMeta fields)
-    ema: WeightEMA | None = None
+    ema: steps.WeightEMA | None = None
     record: dict = dataclasses.field(default_factory=dict)  # config.json's content besides the config
     budget: dict | None = None  # how a --budget run chose its epochs (config.json's "budget")
-    curves_drawn: float | None = None  # clock() when curves.png was last drawn
+    budget_clock: budget.BudgetClock | None = None  # a --budget run's clock, for its re-plans (not on resume)
+    curves_drawn: float | None = None  # budget.clock() when curves.png was last drawn
     log: Any = None  # reslab.train.tensorboard.EventLog: rank 0 with --log tensorboard
 
     def set_lr(self, step: int) -> float:
@@ -330,19 +116,20 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
     lr_find.check_new_run(config)
     if ctx is None:  # this process alone, `nproc` launched ones, or this rank of torchrun's job
         return distributed.run(train, config, stop=stop)
-    started = clock()
+    started = budget.clock()
     with _run_directory(config, ctx) as (cfg, run_dir, state), contextlib.ExitStack() as open_logs:
         run = _setup(cfg, ctx, run_dir, state)
         p = run.progress
         run.log = open_logs.enter_context(event_log(cfg.log, run_dir, p.global_step, ctx.is_main))
-        with sigint_flag() as interrupted, _Bar(ctx.is_main and not cfg.quiet) as bar:
+        with sigint_flag() as interrupted, EpochBar(ctx.is_main and not cfg.quiet) as bar:
             for line in _photo_lines(config, cfg) + balance.imbalance_lines(run.record["classes"],
                                                                             run.loader.split.labels, cfg):
                 bar.print(line)
-            lr_find.before_training(run, bar, make_step, _saved_record(run_dir) if cfg.resume else {})  # --lr-find
+            saved = records.saved_record(run_dir) if cfg.resume else {}
+            lr_find.before_training(run, bar, steps.make_step, saved)  # --lr-find
             if cfg.epochs is None:
-                _plan_budget(run, started, bar)
-            _write_config(run)
+                budget.plan(run, started, bar)
+            records.write_config(run)
 
             def halt(step: int) -> bool:
                 return interrupted.is_set() or (stop is not None and stop(p.epoch + 1, step))
@@ -352,17 +139,18 @@ def train(config: TrainConfig, *, ctx: DistContext | None = None,
             elif state is not None:
                 bar.print(f"resuming {run_dir} at epoch {p.epoch + 1}, step {p.step_in_epoch}")
             while p.stopped == "running" and p.epoch < run.cfg.epochs:
-                trained = train_one_epoch(run, halt, bar)
+                budget.replan(run, bar)  # a --budget run fits its plan to the epochs really run
+                trained = train_one_epoch(run, halt, bar) if p.stopped == "running" else None
                 if trained is None:  # stopped after a step, checkpointed
                     break
-                val = evaluate(run.model, run.val_loader, run.precision, ctx) if run.val_loader else None
-                ema_val = evaluate(run.ema.model, run.val_loader, run.precision, ctx) if (
+                val = steps.evaluate(run.model, run.val_loader, run.precision, ctx) if run.val_loader else None
+                ema_val = steps.evaluate(run.ema.model, run.val_loader, run.precision, ctx) if (
                     run.ema and run.val_loader) else None
                 _end_epoch(run, trained, val, ema_val, bar)
         return _finish(run, started)
 
 
-def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[str, float] | None:
+def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: EpochBar) -> dict[str, float] | None:
     """The epoch's steps (the rest of them when resuming mid-epoch); returns {"loss", "acc", "lr",
     "seconds"} over all ranks, or None when `halt(step)` stopped it (then progress holds the
     partial sums and the checkpoint is written)."""
@@ -377,7 +165,9 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[st
     count = before.count if ctx.is_main else 0.0
     first_bad = torch.tensor(-1, device=run.device)  # step of the first non-finite loss; read every SYNC_EVERY
     bar.start_epoch(f"{p.epoch + 1}/{run.cfg.epochs}", len(run.loader), p.step_in_epoch)
-    start = clock()
+    every = SYNC_EVERY * max(1, round(len(run.loader) / POINTS_PER_EPOCH / SYNC_EVERY))
+    window = [*loss_correct.tolist(), count]  # the sums when steps.csv's current window began
+    start = budget.clock()
     lr, halted = run.set_lr(p.global_step), False
     for i, (x, y) in enumerate(run.loader):
         if i < p.step_in_epoch:  # resuming mid-epoch: the same batches, already trained on
@@ -396,13 +186,18 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[st
             if run.log is not None:
                 run.log.step_loss(p.global_step, loss)
             loss_sum, correct_sum = loss_correct.tolist()
-            elapsed = before.seconds + clock() - start
+            elapsed = before.seconds + budget.clock() - start
             bar.update(i + 1, loss_sum / count, correct_sum / count, count / max(elapsed, 1e-9))
+            if ((i + 1) % every == 0 or i + 1 == len(run.loader)) and count > window[2]:
+                seen = count - window[2]
+                p.points.append([p.global_step, p.epoch + (i + 1) / len(run.loader), (loss_sum - window[0]) / seen,
+                                 (correct_sum - window[1]) / seen])
+                window = [loss_sum, correct_sum, count]
         if halted:
             break
     # The job's time, the same on every rank: its slowest rank's (each rank's clock starts when it
     # enters the epoch, rank 0 after writing the last one's files).
-    seconds = ctx.max(clock() - start)
+    seconds = ctx.max(budget.clock() - start)
     loss_sum, correct_sum = loss_correct.tolist()
     totals = ctx.all_reduce_sums({"loss": loss_sum, "correct": correct_sum, "count": count})
     p.train_seconds += seconds
@@ -411,7 +206,7 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: _Bar) -> dict[st
     if halted:
         p.partial, p.stopped = PartialEpoch(totals["loss"], totals["correct"], totals["count"], seconds), "interrupted"
         if ctx.is_main:
-            _checkpoint(run)
+            records.checkpoint(run)
         return None
     return {"loss": totals["loss"] / totals["count"], "acc": totals["correct"] / totals["count"], "lr": lr,
             "seconds": seconds}
@@ -425,7 +220,7 @@ def _stop_if_not_finite(run: Run, bad_step: int, lr: float) -> None:
 
 
 def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None,
-               ema_val: dict[str, float] | None, bar: _Bar) -> None:
+               ema_val: dict[str, float] | None, bar: EpochBar) -> None:
     """Record a finished epoch: its metrics row, the best weights (the EMA's when they are the
     better), early stopping, the run's files."""
     p, cfg = run.progress, run.cfg
@@ -459,11 +254,14 @@ def _end_epoch(run: Run, trained: dict[str, float], val: dict[str, float] | None
         if improved or run.val_loader is None:
             weights = run.ema.model if source == "ema" else run.model
             save_weights(run.dir / BEST, weights, run.meta(row.epoch, acc, weights=source))
-        _checkpoint(run)
+        records.checkpoint(run)
         # Drawing the curves costs a short epoch's worth of time: at most every CURVES_EVERY seconds,
         # and at the end.
-        curves = p.stopped != "running" or run.curves_drawn is None or clock() - run.curves_drawn >= CURVES_EVERY
-        _write_records(run, curves=curves)
+        curves = p.stopped != "running" or run.curves_drawn is None or (
+            budget.clock() - run.curves_drawn >= budget.CURVES_EVERY)
+        records.write_records(run, curves=curves)
+        if curves:
+            run.curves_drawn = budget.clock()
         if run.log is not None:
             run.log.epoch(row, p.global_step, run.dir / run_files.CURVES if curves else None)
 
@@ -485,93 +283,27 @@ def _finish(run: Run, started: float) -> dict:
     """The summary, also in summary.json; a run that reached its end is first tested on its best weights."""
     p, ctx = run.progress, run.ctx
     test = tta = None
-    measure_tta = _flips(run)
+    measure_tta = budget.flips(run)
     if p.stopped != "interrupted" and (run.test_loader is not None or measure_tta):
         if ctx.broadcast(p.best_epoch is not None and (run.dir / BEST).is_file()):
             if ctx.is_main:
                 run.model.load_state_dict(read_weights(run.dir / BEST)[0])
             ctx.broadcast_state(run.model)
         if measure_tta:
-            tta = _measure_tta(run)
+            tta = budget.measure_tta(run)
         if run.test_loader is not None:
-            test = evaluate(run.model, run.test_loader, run.precision, ctx)
-    result = {**_summary(run, test), **(tta or {})}
+            test = steps.evaluate(run.model, run.test_loader, run.precision, ctx)
+    result = {**records.summary(run, test), **(tta or {})}
     if run.budget is not None:
-        result["budget"]["used_seconds"] = round(clock() - started, 1)
+        result["budget"]["used_seconds"] = round(budget.clock() - started, 1)
     if ctx.is_main and p.rows and p.stopped == "interrupted" and run.curves_drawn is not None:
-        _draw_curves(run)  # the epochs since the last drawing
+        records.draw_curves(run)  # the epochs since the last drawing
     if ctx.is_main:
-        write_json(run.dir / run_files.SUMMARY, result)
+        records.write_summary(run, result)
     if run.log is not None and (run.val_loader or run.test_loader) is not None:
         run.log.samples(run.model, run.val_loader or run.test_loader, run.weights_meta["classes"], p.global_step)
     return result
 
-
-# Test-time flip must beat no flip by more than this many standard errors of the paired difference,
-# and by more than TTA_MIN_IMAGES images (see choose_tta).
-TTA_MIN_SE, TTA_MIN_IMAGES = 2.0, 2
-
-
-def choose_tta(gained: int, lost: int) -> bool:
-    """Whether test-time flipping pays, from the validation images it turned right (`gained`) and
-    wrong (`lost`) against no flipping (the images both get right or both get wrong say nothing).
-
-    Flipping doubles the cost of every later prediction, so it has to pay clearly, not by chance.
-    If it made no difference in expectation, each of the g + l images on which the two disagree
-    would go either way with probability 1/2 (McNemar's test), so g - l has mean 0 and standard
-    deviation sqrt(g + l). Flip is chosen when g - l exceeds TTA_MIN_SE = 2 of those standard
-    errors (a chance gain that large is about 2% likely) and TTA_MIN_IMAGES = 2 images (with few
-    disagreements the normal approximation fails, and one or two images are noise whatever the
-    ratio). E.g. 12 gained and 5 lost: 7 > max(2, 2 x 4.1) is false, flip not chosen; 40 and 15: 25
-    > 2 x 7.4, chosen."""
-    return gained - lost > max(TTA_MIN_IMAGES, TTA_MIN_SE * (gained + lost) ** 0.5)
-
-
-def flip_sums(model: nn.Module, loader, precision: str) -> torch.Tensor:
-    """[count, correct without flip, correct with flip, gained, lost] over a loader, as sums so ranks
-    can add them; "with flip" is reslab.inference.Predictor's --tta flip (flip_probabilities), from
-    the same plain logits: two passes over the images, not three."""
-    from reslab.inference.predictor import flip_average
-
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for x, y in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(x)
-                plain = logits.argmax(1) == y
-                flipped = flip_average(logits, model(x.flip(-1))).argmax(1) == y
-            sums += torch.stack([torch.tensor(float(len(y)), dtype=torch.float64, device=device),
-                                 plain.sum().double(), flipped.sum().double(), (flipped & ~plain).sum().double(),
-                                 (plain & ~flipped).sum().double()])
-    return sums
-
-
-def _flips(run: Run) -> bool:
-    """Whether test-time flipping is worth measuring: a photo folder with a validation split, trained
-    with mirrored images (a model that never saw a mirror image is not asked about one)."""
-    from reslab.data.folder import is_image_folder
-
-    return run.val_loader is not None and bool(run.record.get("flip")) and is_image_folder(run.cfg.data)
-
-
-def _measure_tta(run: Run) -> dict:
-    """Validation accuracy of the best weights (loaded in run.model) without and with "flip", and the
-    images flipping turned right and wrong. If flipping pays by choose_tta's margin, best.safetensors
-    records it (extra "tta") and evaluate/predict/serve use it by default; the accuracies are recorded
-    either way (extra "tta_val_acc")."""
-    keys = ("count", "none", "flip", "gained", "lost")
-    sums = dict(zip(keys, flip_sums(run.model, run.val_loader, run.precision).tolist()))
-    sums = run.ctx.all_reduce_sums(sums)
-    gained, lost = round(sums["gained"]), round(sums["lost"])
-    accs = {mode: sums[mode] / sums["count"] for mode in ("none", "flip")}
-    chosen = "flip" if choose_tta(gained, lost) else "none"
-    if run.ctx.is_main and (run.dir / BEST).is_file():
-        meta = read_weights(run.dir / BEST)[1]
-        meta.extra.update(tta=chosen, tta_val_acc=accs, tta_gained_lost=[gained, lost])
-        save_weights(run.dir / BEST, run.model, meta)
-    return {"tta": chosen, "tta_val_acc": accs, "tta_gained_lost": [gained, lost]}
 
 
 # --- set-up ----------------------------------------------------------------------------------
@@ -605,9 +337,9 @@ def _resumed_config(config: TrainConfig, saved: dict, run_dir: Path) -> TrainCon
     if "ema" not in saved:  # saved before the photo-folder defaults existed: it ran without them
         saved = {"random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0, "ema": 0.0, **saved}
         if saved.get("augment") is None and saved.get("recipe", "fast") == "fast" and not saved.get("pretrained"):
-            saved["augment"] = _saved_record(run_dir).get("augment")
+            saved["augment"] = records.saved_record(run_dir).get("augment")
     if "flip" not in saved:  # saved before --flip: it ran with its policy's own mirror, whatever today's defaults
-        augment = saved.get("augment") or _saved_record(run_dir).get("augment")
+        augment = saved.get("augment") or records.saved_record(run_dir).get("augment")
         saved = {**saved, "flip": get_policy(augment).flip if augment else None}
     cfg = TrainConfig.from_dict(saved)
     cfg.resume, cfg.quiet, cfg.out = str(run_dir), config.quiet, str(run_dir)
@@ -634,7 +366,7 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
         model.to(memory_format=torch.channels_last)
     # --batch-size is global (split over ranks) unless --scale-lr: see reslab.train.distributed.
     plan = distributed.plan_batches(cfg.batch_size, cfg.lr, ctx.world_size, scale_lr=cfg.scale_lr)
-    optimizer = build_optimizer(model, dataclasses.replace(cfg, lr=plan.lr))
+    optimizer = steps.build_optimizer(model, dataclasses.replace(cfg, lr=plan.lr))
     train_model = model
     if ctx.enabled and ctx.world_size > 1:
         # The head epochs leave the body without gradients: DDP must expect unused parameters.
@@ -642,8 +374,8 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
     if cfg.compile:
         train_model = torch.compile(train_model)
     loss_fn = balance.criterion(cfg, bundle.train.labels, len(bundle.classes), device)  # --class-weights
-    step = make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip, loss_fn=loss_fn)
-    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    step = steps.make_step(train_model, optimizer, precision=precision, grad_clip=cfg.grad_clip, loss_fn=loss_fn)
+    ema = steps.WeightEMA(model, cfg.ema) if cfg.ema else None
 
     progress = Progress()
     if state is not None:
@@ -667,10 +399,10 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
                                                                                   len(bundle.classes))))}
     weights_meta = dict(model=cfg.model, model_options=model_options, classes=list(bundle.classes),
                         preprocessing=preprocessing)
-    budget = _saved_record(run_dir).get("budget") if cfg.resume else None
+    saved_budget = records.saved_record(run_dir).get("budget") if cfg.resume else None
     return Run(cfg=cfg, ctx=ctx, dir=run_dir, progress=progress, model=model, train_model=train_model,
                optimizer=optimizer, step=step, loss_fn=loss_fn, **loaders, device=device, precision=precision,
-               channels_last=channels_last, weights_meta=weights_meta, ema=ema, record=record, budget=budget)
+               channels_last=channels_last, weights_meta=weights_meta, ema=ema, record=record, budget=saved_budget)
 
 
 def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
@@ -695,112 +427,10 @@ def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
     parts += ["--no-flip"] if chosen.get("flip") is False else []
     parts += [f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in ("random_erasing", "mixup", "cutmix", "ema")
               if k in chosen]
-    why = photo_choice(given.data)[1]
+    why = photo_choice(given.data, budget=given.budget is not None)[1]
     return [f"photo folder from scratch ({why}): {', '.join(parts)}: what learned best within a time budget on "
             "2 CPU cores (README, \"Train on your own photos\"); the options of the same names override them"]
 
-
-def _plan_budget(run: Run, started: float, bar: _Bar) -> None:
-    """Fix the epochs of a --budget run from this machine's measured step, evaluation and checkpoint
-    times: as many whole epochs as fit before the budget ends, the test pass (and the measure of
-    test-time flipping) included."""
-    cfg, ctx = run.cfg, run.ctx
-    times = _measure(run)
-    steps = len(run.loader)
-    test = len(run.test_loader.split) if run.test_loader is not None else 0
-    epoch_seconds = steps * times["step"] + (2 if run.ema else 1) * times["eval_pass"] + times["overhead"]
-    final_seconds = test * times["eval_image"] + (2 * times["eval_pass"] if _flips(run) else 0.0)  # + tta
-    spent = clock() - started
-    epochs = ctx.broadcast(budget_epochs(cfg.budget, spent, epoch_seconds, final_seconds))  # rank 0's decides
-    budget = format_duration(cfg.budget)
-    if epochs <= cfg.head_epochs:
-        least = spent + (cfg.head_epochs + 1) * epoch_seconds + final_seconds
-        raise ReslabError(f"--budget {budget}: one epoch of {cfg.model} on {cfg.data} takes about "
-                          f"{epoch_seconds:.0f} s on this machine (measured; {spent:.0f} s went to loading and "
-                          f"measuring), so no {'training' if not cfg.head_epochs else 'epoch after the head epochs'} "
-                          f"fits; give at least --budget {format_duration(60 * -(-least // 60))}, or --epochs")
-    run.cfg = cfg.with_epochs(epochs)
-    run.budget = {"seconds": cfg.budget, "epochs": epochs, "steps_per_epoch": steps,
-                  "step_seconds": round(times["step"], 4), "epoch_seconds": round(epoch_seconds, 2),
-                  "final_seconds": round(final_seconds, 2), "setup_seconds": round(spent, 1),
-                  "planned_seconds": round(spent + epochs * epoch_seconds + final_seconds, 1),
-                  "measured_steps": times["steps"]}
-    bar.print(f"budget {budget}: {epochs} epochs of {steps} steps ({times['step']:.3g} s a step over "
-              f"{times['steps']} measured steps, {epoch_seconds:.1f} s an epoch with evaluation and checkpoint; "
-              f"{spent:.0f} s to load and measure)")
-
-
-def _measure(run: Run) -> dict:
-    """Seconds per training step (augmentation, forward, backward, step, EMA), of one validation
-    pass, per evaluated image, and of one epoch's files (checkpoint, best weights, records), timed
-    on copies: the run's model, optimizer, EMA, RNG and files are left as they were."""
-    cfg = run.cfg
-    model, optimizer = copy.deepcopy((run.model, run.optimizer))  # one memo: the copy optimizes the copy
-    ema = copy.deepcopy(run.ema)
-    step = make_step(model, optimizer, precision=run.precision, grad_clip=cfg.grad_clip, loss_fn=run.loss_fn)
-    rng = torch.get_rng_state()
-    window = min(max(BUDGET_MEASURE_SHARE * cfg.budget, BUDGET_MEASURE_BOUNDS[0]), BUDGET_MEASURE_BOUNDS[1])
-    model.train()
-
-    def batches():  # epoch 0's batches, then epoch 1's ...: short epochs are measured over several
-        for epoch in range(BUDGET_MEASURE_EPOCHS):
-            run.loader.set_epoch(epoch)
-            yield from run.loader
-
-    timed, start = 0, clock()
-    for i, (x, y) in enumerate(batches()):
-        if i == BUDGET_WARMUP_STEPS:
-            timed, start = 0, clock()
-        step(x, y)
-        if ema is not None:
-            ema.update(model, i)
-        timed += 1
-        if i >= BUDGET_WARMUP_STEPS and timed >= 3 and clock() - start >= window:
-            break
-    step_seconds = (clock() - start) / timed
-    eval_loader = run.val_loader or run.test_loader
-    eval_pass = eval_image = 0.0
-    if eval_loader is not None:
-        evaluate_sums(model, [next(iter(eval_loader))], run.precision)  # the first batch builds kernels
-        t = clock()
-        evaluate_sums(model, eval_loader, run.precision)
-        eval_pass = clock() - t
-        eval_image = eval_pass / len(eval_loader.split)
-    with tempfile.TemporaryDirectory() as tmp:
-        # What _end_epoch writes, written by a shadow of the run into a scratch folder.
-        rows = [EpochRow(e, 0.1, 1 / e, 0.5, 1 / e, 0.5, 1.0) for e in range(1, 21)]
-        shadow = dataclasses.replace(run, dir=Path(tmp), model=model, optimizer=optimizer, ema=ema,
-                                     progress=Progress(epoch=len(rows), rows=rows))
-        t = clock()
-        save_weights(shadow.dir / BEST, model, shadow.meta(1, 0.5))
-        _checkpoint(shadow)
-        _write_records(shadow, curves=False)
-        files = clock() - t
-        _draw_curves(shadow)
-        curves = clock() - t - files
-    torch.set_rng_state(rng)
-    epoch = len(run.loader) * step_seconds + (2 if ema else 1) * eval_pass + files
-    return {"step": step_seconds, "eval_pass": eval_pass if run.val_loader is not None else 0.0,
-            "eval_image": eval_image, "steps": timed,
-            # The curves are drawn after at most every CURVES_EVERY seconds' epochs.
-            "overhead": files + curves * min(1.0, epoch / CURVES_EVERY)}
-
-
-def _write_config(run: Run) -> None:
-    """config.json: the resolved config (its epochs fixed), what the data and machine were, and for a
-    --budget run how the epochs were chosen."""
-    if run.ctx.is_main:
-        budget = {"budget": run.budget} if run.budget is not None else {}
-        write_json(run.dir / run_files.CONFIG, {"config": run.cfg.to_dict(), **run.record, **budget})
-
-
-def _saved_record(run_dir: Path) -> dict:
-    """A run's whole config.json ({} when unreadable: read_config has vouched for it already)."""
-    try:
-        record = json.loads((run_dir / run_files.CONFIG).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _load_data(cfg: TrainConfig, ctx: DistContext):
@@ -875,48 +505,3 @@ def _build_model(cfg: TrainConfig, bundle, *, quiet: bool) -> tuple[nn.Module, d
     return model, options, reports, normalization
 
 
-# --- records ---------------------------------------------------------------------------------
-
-
-def _checkpoint(run: Run) -> None:
-    p = run.progress
-    save_weights(run.dir / LAST, run.model, run.meta(p.epoch, p.rows[-1].val_acc if p.rows else None))
-    ema = {"ema": run.ema.model.state_dict()} if run.ema is not None else {}
-    run_files.save_state(run.dir / run_files.STATE, {**p.to_state(), "model": run.model.state_dict(),
-                                                     "optimizer": run.optimizer.state_dict(),
-                                                     "rng": run_files.rng_state(), **ema})
-
-
-def _summary(run: Run, test: dict[str, float] | None = None) -> dict:
-    p, cfg = run.progress, run.cfg
-    last = p.rows[-1] if p.rows else None
-    return {
-        "model": cfg.model, "data": cfg.data, "epochs": len(p.rows), "planned_epochs": cfg.epochs,
-        "best_val_acc": p.best_val_acc, "best_epoch": p.best_epoch, "best_weights": p.best_weights,
-        # The best weights' validation scores; "best_by": what chose them (reslab.data.balance).
-        "balanced_accuracy": p.best_balanced_accuracy, "macro_f1": p.best_macro_f1,
-        "best_by": "val_acc" if balance.selection_metric(cfg) == "acc" else "balanced_accuracy",
-        "final_val_acc": last.val_acc if last else None, "final_train_acc": last.train_acc if last else None,
-        "test_acc": test["acc"] if test else None, "test_loss": test["loss"] if test else None,
-        "train_seconds": round(p.train_seconds, 3),
-        "images_per_second": round(p.train_images / p.train_seconds, 1) if p.train_seconds else None,
-        "precision": run.precision, "channels_last": run.channels_last, "device": str(run.device),
-        "trainable_params": sum(q.numel() for q in run.model.parameters() if q.requires_grad),
-        "frozen_params": sum(q.numel() for q in run.model.parameters() if not q.requires_grad),
-        "stopped": p.stopped, "interrupted": p.stopped == "interrupted", "run_dir": str(run.dir),
-        **({"budget": dict(run.budget)} if run.budget is not None else {}),
-    }
-
-
-def _write_records(run: Run, curves: bool = True) -> None:
-    run_files.write_metrics(run.dir / run_files.METRICS, run.progress.rows)
-    write_json(run.dir / run_files.SUMMARY, _summary(run))
-    if curves:
-        _draw_curves(run)
-
-
-def _draw_curves(run: Run) -> None:
-    from reslab import plots
-
-    plots.curves(run.dir / run_files.CURVES, [row.values() for row in run.progress.rows])
-    run.curves_drawn = clock()

@@ -1,6 +1,6 @@
 """The learning-rate range test (Smith 2017, "Cyclical Learning Rates", section 3.3; fastai's `lr_find`).
 
-    result = find_lr(run, make_step) # a Run from reslab.train.loop._setup, and loop.make_step
+    result = find_lr(run, make_step) # a Run from reslab.train.loop._setup, and steps.make_step
     result.suggestion, result.rule   # e.g. 0.0832, "valley"
 
 The lr grows exponentially from `start_lr` to `end_lr` over `steps` optimizer steps of the very
@@ -138,7 +138,7 @@ def find_lr(run, make_step: Callable, *, start_lr: float = START_LR, end_lr: flo
     with the body frozen, as fastai's lr_find runs on a frozen learner before `fine_tune`. The lr
     swept is still --lr (the head at head_lr_mult times it), and the suggestion then sets every
     group of both phases: the head's, and after the head epochs each stage's. `make_step` is
-    reslab.train.loop's (passed in: the loop imports this module)."""
+    reslab.train.steps' (passed in by the loop, which imports this module)."""
     from reslab.train import state as run_files
 
     check_range(start_lr, end_lr, steps)

@@ -34,6 +34,10 @@ from reslab.io import atomic_path, write_text
 CONFIG, METRICS, SUMMARY, STATE, CURVES = "config.json", "metrics.csv", "summary.json", "last.state.pt", "curves.png"
 LOCK = ".lock"
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+# steps.csv: the training loss and accuracy within epochs, one row per window of about a tenth of an
+# epoch (reslab.train.loop.POINTS_PER_EPOCH), at the optimizer step that ends it: the paper's Figure 6
+# draws training error against iterations, and a short schedule of long epochs has few epoch rows.
+STEPS, STEP_COLUMNS = "steps.csv", ("step", "epoch", "train_loss", "train_acc")
 # Appended to metrics.csv by a run with --ema: the averaged weights' validation loss and accuracy.
 EMA_COLUMNS = ("ema_val_loss", "ema_val_acc")
 STATE_FORMAT = "reslab-train-state"
@@ -93,6 +97,9 @@ class Progress:
     train_seconds: float = 0.0
     train_images: float = 0.0
     stopped: str = "running"  # running, interrupted, early_stop or completed
+    # steps.csv's rows: [step, epoch (fractional), training loss, training accuracy] over each window
+    # of steps (this rank's batches; a resumed window starts at the resume).
+    points: list[list[float]] = field(default_factory=list)
 
     def to_state(self) -> dict:
         return {**dataclasses.asdict(self), "partial": list(dataclasses.astuple(self.partial)),
@@ -289,6 +296,15 @@ def write_metrics(path: Path, rows: list[EpochRow]) -> None:
     for row in rows:
         writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
                          for v in row.values()[:len(columns)]])
+    write_text(path, buf.getvalue())
+
+
+def write_steps(path: Path, points: list[list[float]]) -> None:
+    """The whole steps.csv (Progress.points), rewritten atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(STEP_COLUMNS)
+    writer.writerows([int(step), f"{epoch:.4g}", f"{loss:.6g}", f"{acc:.6g}"] for step, epoch, loss, acc in points)
     write_text(path, buf.getvalue())
 
 
