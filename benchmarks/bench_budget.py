@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--budget", default="15m")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--json", default=None, help="also write the records here")
+    parser.add_argument("--keep", default=None, help="copy each run folder here (KEEP/seed<S>)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `reslab train` options")
     args = parser.parse_args()
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
@@ -64,6 +65,8 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix="bench-budget-"))
         try:
             record = {"date": stamp, "machine": host, **run_once(args.data, args.budget, seed, extra, folder / "run")}
+            if args.keep:
+                shutil.copytree(folder / "run", Path(args.keep) / f"seed{seed}", dirs_exist_ok=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         records.append(record)

@@ -214,7 +214,7 @@ def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):
 
 
 def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
-    from reslab.data.folder import PHOTO_DEFAULTS, SMALL_IMAGE_RECIPE, SMALL_PHOTO_MODEL
+    from reslab.data.folder import PHOTO_DEFAULTS, SMALL_COLOUR_RECIPE, SMALL_IMAGE_RECIPE, SMALL_PHOTO_MODEL
 
     photos = make_folder(folder.parent / "photos", per_class=4, size=64)  # photos: resnet18 at 112 px
     photo = TrainConfig(data=str(photos)).resolve()
@@ -222,7 +222,7 @@ def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
         assert getattr(photo, key) == value, key
     small = TrainConfig(data=str(folder)).resolve()  # 16 px colour images: the CIFAR net at its own size
     assert (small.model, small.stem, small.image_size, small.augment, small.flip, small.lr) == (
-        *SMALL_PHOTO_MODEL.values(), PHOTO_DEFAULTS["augment"], None, PHOTO_DEFAULTS["lr"])
+        *SMALL_PHOTO_MODEL.values(), SMALL_COLOUR_RECIPE["augment"], None, PHOTO_DEFAULTS["lr"])
     gray = make_folder(folder.parent / "gray", per_class=4, size=16, gray=True)  # digits' kind: no mirror
     small = TrainConfig(data=str(gray)).resolve()
     assert (small.model, small.stem, small.image_size, small.augment, small.flip, small.lr) == (

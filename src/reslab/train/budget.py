@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,11 +30,11 @@ from reslab.checkpoint import BEST, read_weights, save_weights
 from reslab.errors import ReslabError
 from reslab.train import records, steps
 from reslab.train.config import format_duration
+from reslab.train.run import BudgetClock, Run
 from reslab.train.state import EpochRow, Progress
 
 if TYPE_CHECKING:
     from reslab.train.bar import EpochBar
-    from reslab.train.loop import Run
 
 # The wall clock of budgets and epoch times (a test replaces it with a fake one).
 clock = time.perf_counter
@@ -49,15 +48,6 @@ BUDGET_MEASURE_EPOCHS = 10  # the most epochs of batches the measurement may run
 BUDGET_AIM = 0.98
 # curves.png is redrawn after an epoch only when it is this old (seconds), and when the run stops.
 CURVES_EVERY = 30.0
-
-
-@dataclass
-class BudgetClock:
-    """When the budget's process started, and when (and at which epoch) its epochs began."""
-
-    started: float
-    epochs_started: float | None = None
-    first_epoch: int = 0
 
 
 def budget_epochs(budget: float, spent: float, epoch_seconds: float, final_seconds: float) -> int:

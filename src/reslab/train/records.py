@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from reslab.checkpoint import LAST, save_weights
 from reslab.data import balance
 from reslab.io import write_json
 from reslab.train import state as run_files
-
-if TYPE_CHECKING:
-    from reslab.train.loop import Run
+from reslab.train.run import Run
 
 
 def write_config(run: Run) -> None:
