@@ -98,12 +98,11 @@ def replan(run: Run, bar: EpochBar) -> None:
         return
     now = clock()
     if watch.epochs_started is None:
-        watch.epochs_started, watch.first_epoch = now, p.epoch
+        watch.epochs_started = now
         return
-    done = p.epoch - watch.first_epoch
-    if done < 1 or p.stopped != "running":
+    if p.epoch < 1 or p.stopped != "running":
         return
-    epoch_seconds = (now - watch.epochs_started) / done
+    epoch_seconds = (now - watch.epochs_started) / p.epoch  # a new run's epochs, all timed here
     final_seconds = run.budget["final_seconds"]
     fits = budget_epochs(run.budget["seconds"], now - watch.started, epoch_seconds, final_seconds)
     epochs = run.ctx.broadcast(p.epoch + max(fits, 0))  # rank 0's decides

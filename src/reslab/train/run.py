@@ -25,11 +25,11 @@ from reslab.train.steps import WeightEMA
 
 @dataclass
 class BudgetClock:
-    """When a --budget run's process started, and when (and at which epoch) its epochs began."""
+    """When a --budget run's process started, and when its first epoch began (a budget plans only a
+    new run: a resumed one keeps its plan and has no clock)."""
 
     started: float
     epochs_started: float | None = None
-    first_epoch: int = 0
 
 
 @dataclass
