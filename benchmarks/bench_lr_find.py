@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--lr-from", nargs="+", default=["recipe", "finder"], choices=["recipe", "finder"],
                         help="which runs: at the recipe's lr, with --lr-find")
     parser.add_argument("--note", help="recorded in every row (e.g. what changed in the code)")
+    parser.add_argument("--rule", default=None, help="the finder's rule (default: reslab's default, minimum)")
     parser.add_argument("--keep", help="copy each finder run's lr_find.json and lr_find.png into this folder")
     args = parser.parse_args()
 
@@ -83,18 +84,21 @@ def main() -> None:
             for seed in args.seeds:
                 for finder in [lr_from == "finder" for lr_from in args.lr_from]:
                     out = Path(tmp) / f"{task}-{seed}-{'find' if finder else 'recipe'}"
-                    cfg = TrainConfig(**TASKS[task], seed=seed, lr_find=finder, out=str(out), quiet=True,
+                    rule = (args.rule or True) if finder else False
+                    cfg = TrainConfig(**TASKS[task], seed=seed, lr_find=rule, out=str(out), quiet=True,
                                       data_dir=str(Path(tmp) / "cache"))
                     start = time.perf_counter()
                     summary = train(cfg)
                     record = json.loads((out / "config.json").read_text())
                     found = record.get("lr_find") or {}
+                    suggestions = json.loads((out / "lr_find.json").read_text())["suggestions"] if finder else None
                     if finder and args.keep:
                         Path(args.keep).mkdir(parents=True, exist_ok=True)
                         for name in ("lr_find.json", "lr_find.png"):
                             shutil.copy(out / name, Path(args.keep) / f"{task}-{seed}-{name}")
                     row = {"task": task, "seed": seed, "lr_from": "finder" if finder else "recipe",
                            "lr": record["config"]["lr"], "rule": found.get("rule"),
+                           "suggestions": suggestions,
                            "finder_steps": found.get("steps"), "finder_stopped": found.get("stopped"),
                            "best_val_acc": summary["best_val_acc"], "final_val_acc": summary["final_val_acc"],
                            "epochs": summary["epochs"], "minutes": round((time.perf_counter() - start) / 60, 2),

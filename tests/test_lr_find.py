@@ -37,16 +37,33 @@ def valley_loss(lr: float) -> float:
     return 0.5 * 10 ** (4 * x)
 
 
-def test_the_suggestion_lies_inside_the_descent():
+def test_the_minimum_rule_is_the_lowest_smoothed_loss():
     found = sweep(valley_loss)
-    assert found.rule == "valley"
+    assert found.rule == "minimum" and found.suggestion == found.suggestions["minimum"]
+    lowest = min(range(found.steps), key=found.losses.__getitem__)
+    assert found.suggestion == found.lrs[lowest]
+    # The raw curve is lowest at lr 1; the smoothed one a little later, before the loss has tripled.
+    assert 0.5 < found.suggestion < 3.0, found.suggestion
+    assert found.suggestions["valley"] < found.suggestion / 10  # fastai's valley: far down the descent
+    # The first tenth of the steps is left out: a single low first batch is not "the minimum".
+    noisy = sweep(lambda lr: 0.6 if lr == 1e-7 else valley_loss(lr))
+    assert min(noisy.losses) == noisy.losses[0]
+    assert noisy.suggestion == found.suggestion
+    with pytest.raises(ReslabError, match="unknown lr finder rule 'steep'"):
+        sweep(valley_loss, rule="steep")
+
+
+def test_the_valley_lies_inside_the_descent():
+    found = sweep(valley_loss, rule="valley")
+    assert found.rule == "valley" and found.suggestion == found.suggestions["valley"]
     assert found.start_lr <= found.suggestion <= found.end_lr
     assert found.suggestion in found.lrs
     # The smoothing lags by a few steps, so the valley ends a little after lr 1; its middle is on the descent.
     assert 1e-3 < found.suggestion < 1.0, found.suggestion
     lrs = [1e-7 * 10 ** (i / 10) for i in range(81)]
     losses = [valley_loss(lr) for lr in lrs]
-    assert 1e-3 < suggest(lrs, losses, 81)[0] < 1e-1  # the exact curve: half way down
+    assert 1e-3 < suggest(lrs, losses, 81, "valley")[0] < 1e-1  # the exact curve: half way down
+    assert suggest(lrs, losses, 81, "minimum") == (1.0, "minimum")
 
 
 def test_divergence_stops_early():
@@ -54,7 +71,7 @@ def test_divergence_stops_early():
     assert found.stopped == "diverged" and found.steps < 100
     assert found.losses[-1] > 4 * min(found.losses) and found.lrs[-1] < 10
     nan = sweep(lambda lr: valley_loss(lr) if lr < 1e-2 else math.nan)
-    assert nan.stopped == "not finite" and nan.lrs[-1] < 1e-2 and nan.rule == "valley"
+    assert nan.stopped == "not finite" and nan.lrs[-1] < 1e-2 and nan.rule == "minimum"
     early = sweep(lambda lr: 1.0 if lr < 2e-7 else 100.0)  # diverged at once: too short a curve for a valley
     assert early.steps == 5 and early.rule == "minimum/10" and early.suggestion < 2e-8
     with pytest.raises(ReslabError, match="first step"):
@@ -91,7 +108,7 @@ def test_cli_prints_the_suggestion_and_writes_the_plot_and_json(folder, tmp_path
     out = tmp_path / "finder"
     assert main(_cli_args(folder, out, "--steps", "40", "--end-lr", "100")) == 0
     printed = capsys.readouterr().out
-    match = re.match(r"suggested lr (\S+) \((valley|minimum/10)\)", printed)
+    match = re.match(r"suggested lr (\S+) \((minimum|minimum/10)\)", printed)
     assert match, printed
     saved = json.loads((out / "lr_find.json").read_text())
     assert saved["rule"] == match.group(2) and float(match.group(1)) == pytest.approx(saved["suggestion"], rel=1e-3)
@@ -100,6 +117,13 @@ def test_cli_prints_the_suggestion_and_writes_the_plot_and_json(folder, tmp_path
     assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "config.json").exists()  # a test of the run, not a run
 
+    assert set(saved["suggestions"]) == {"minimum", "valley"}
+
+    assert main(_cli_args(folder, tmp_path / "valley", "--steps", "40", "--rule", "valley")) == 0
+    printed = capsys.readouterr().out
+    assert re.match(r"suggested lr \S+ \((valley|minimum/10)\)", printed), printed
+    assert main(_cli_args(folder, tmp_path / "x", "--rule", "steep")) == 2
+    assert "unknown lr finder rule 'steep'" in capsys.readouterr().err
     assert main(_cli_args(folder, tmp_path / "x", "--epochs", "3")) == 2
     assert "--epochs is a training option that lr-find does not take" in capsys.readouterr().err
 
@@ -115,7 +139,7 @@ def test_train_lr_find_trains_at_the_suggestion_and_records_it(folder, tmp_path,
     summary = train(tiny_config(folder, run, lr_find=True, schedule="constant", warmup_epochs=0))
     record = json.loads((run / "config.json").read_text())
     found = record["lr_find"]
-    assert found["rule"] in ("valley", "minimum/10") and found["steps"] <= 30 and found["recipe_lr"] == recipe_lr
+    assert found["rule"] in ("minimum", "minimum/10") and found["steps"] <= 30 and found["recipe_lr"] == recipe_lr
     assert found["lr"] == found["suggested_lr"] == record["config"]["lr"] != recipe_lr
     assert record["config"]["lr_find"] is True
     assert list(record).index("lr_find") > list(record).index("config")
@@ -171,10 +195,25 @@ def test_finetune_group_lrs_scale_together(folder, tmp_path, short_tests):
 
 def test_the_parsers_stated_defaults_are_the_finders():
     from reslab.cli import build_parser
-    from reslab.train.lr_find import END_LR, START_LR, STEPS
+    from reslab.train.lr_find import DEFAULT_RULE, END_LR, RULES, START_LR, STEPS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["lr-find"]
     helps = {a.dest: a.help for a in sub._actions}
     assert f"default {START_LR:g})" in helps["start_lr"] and f"default {END_LR:g})" in helps["end_lr"]
     assert f"default {STEPS};" in helps["steps"]
+    assert f"{DEFAULT_RULE} (default" in helps["rule"] and set(RULES) <= set(re.findall(r"\w+", helps["rule"]))
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    assert f"{DEFAULT_RULE} (default)" in {a.dest: a.help for a in train._actions}["lr_find"]
+    assert parser.parse_args(["train", "--lr-find"]).lr_find is True
+    assert parser.parse_args(["train", "--lr-find", "valley", "--epochs", "2"]).lr_find == "valley"
+    assert parser.parse_args(["train", "--epochs", "2"]).lr_find is None
+
+
+def test_train_lr_find_takes_a_rule(folder, tmp_path, short_tests, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(folder, run, lr_find="valley", epochs=1))
+    assert json.loads((run / "config.json").read_text())["lr_find"]["rule"] in ("valley", "minimum/10")
+    assert main(["train", "--data", str(folder), "--lr-find", "steep", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown lr finder rule 'steep'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

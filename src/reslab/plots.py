@@ -374,15 +374,19 @@ def top_losses(path: str | os.PathLike, images, entries, *, ncols: int = 4) -> P
     return save(fig, path)
 
 
-def lr_find(path: str | os.PathLike, lrs, losses, suggestion: float, rule: str) -> Path:
+def lr_find(path: str | os.PathLike, lrs, losses, suggestion: float, rule: str,
+            others: dict[str, float] | None = None) -> Path:
     """The learning-rate range test (reslab.train.lr_find): smoothed loss against the lr on a log
-    axis, the suggested lr marked."""
+    axis, the suggested lr marked, and what the `others` rules would suggest dotted."""
     fig, axes = figure(1, 1, width=5.0, height=3.6)
     ax = axes[0, 0]
     ax.plot(lrs, losses, label="smoothed training loss")
     ax.axvline(suggestion, color=PALETTE[1], linestyle="--", lw=1)
     nearest = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / suggestion)))
     ax.plot([suggestion], [losses[nearest]], "o", color=PALETTE[1], label=f"suggested lr {suggestion:.3g} ({rule})")
+    for name, lr in (others or {}).items():
+        if name != rule:
+            ax.axvline(lr, color="grey", linestyle=":", lw=1, label=f"{name}: {lr:.3g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (peak, --lr)")
     ax.set_ylabel("loss")

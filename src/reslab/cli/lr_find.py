@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("range test")
     group.add_argument("--start-lr", type=float, help="first lr (default 1e-07)")
     group.add_argument("--end-lr", type=float, help="last lr (default 10)")
+    group.add_argument("--rule", help="how the suggestion is read off the curve: minimum (default: the lr at the "
+                                      "lowest smoothed loss, for reslab's one-cycle SGD) or valley (fastai's)")
     group.add_argument("--steps", type=int, help="optimizer steps, the lr growing exponentially (default 100; fewer "
                                                  "when the loss diverges first)")
 
@@ -43,14 +45,14 @@ def run(args) -> int:
             raise ReslabError(f"--{name.replace('_', '-')} is a training option that lr-find does not take ({why}); "
                               "drop it")
     found, folder = run_range_test(config_from_args(args), start_lr=args.start_lr, end_lr=args.end_lr,
-                                   steps=args.steps, out=args.out)
+                                   steps=args.steps, rule=args.rule, out=args.out)
     print(f"{line(found)}: {found.steps} steps from lr {found.start_lr:g} to {found.lrs[-1]:.3g} ({found.stopped}); "
           f"{folder / 'lr_find.png'}, {folder / 'lr_find.json'}")
     return 0
 
 
 def run_range_test(config, *, start_lr: float | None = None, end_lr: float | None = None, steps: int | None = None,
-                   out: str | None = None):
+                   rule: str | None = None, out: str | None = None):
     """(LRFind, folder): set up as `reslab train` would (one process, reslab.train.loop's own set-up),
     run the test, write the files into `out` (default runs/lr-find-<model>-<data>-<time>/)."""
     from reslab.train import lr_find
@@ -62,10 +64,12 @@ def run_range_test(config, *, start_lr: float | None = None, end_lr: float | Non
     start_lr = lr_find.START_LR if start_lr is None else start_lr
     end_lr = lr_find.END_LR if end_lr is None else end_lr
     steps = lr_find.STEPS if steps is None else steps
+    rule = lr_find.DEFAULT_RULE if rule is None else rule
     lr_find.check_range(start_lr, end_lr, steps)
+    lr_find.check_rule(rule)
     cfg = config.resolve()
     folder = run_files.new_run_dir(out, f"lr-find-{cfg.model}", cfg.data)
     run = _setup(cfg, DistContext(), folder, None)
-    found = lr_find.find_lr(run, make_step, start_lr=start_lr, end_lr=end_lr, steps=steps)
+    found = lr_find.find_lr(run, make_step, start_lr=start_lr, end_lr=end_lr, steps=steps, rule=rule)
     lr_find.write(folder, found, model=cfg.model)
     return found, folder

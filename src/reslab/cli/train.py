@@ -28,9 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "excludes --epochs")
     add("--batch-size", type=int, help="batch size (recipe default: fast 64, paper 128)")
     add("--lr", type=float, help="peak learning rate (recipe default)")
-    add("--lr-find", action="store_true", default=None,
+    add("--lr-find", nargs="?", const=True, default=None, metavar="RULE",
         help="run the learning-rate range test first (as `reslab lr-find`) and train at its suggested lr, every "
-             "parameter group scaled with it; recorded as lr_find in config.json; excludes --lr and --resume")
+             "parameter group scaled with it; RULE: minimum (default) or valley; recorded as lr_find in "
+             "config.json; excludes --lr and --resume")
     add("--optimizer", help="sgd, adam or adamw (default sgd)")
     add("--momentum", type=float, help="SGD momentum (default 0.9)")
     add("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum (fast: on)")

@@ -92,7 +92,7 @@ class TrainConfig:
     lr: float | None = None
     # Run the lr range test first and train at its suggestion (reslab.train.lr_find); config.json then
     # holds the lr it chose as `lr`, and how as "lr_find". Only for a new run, with no explicit lr.
-    lr_find: bool = False
+    lr_find: bool | str = False  # True: the default rule ("minimum"); or a rule's name (lr_find.RULES)
     optimizer: str | None = None
     momentum: float | None = None
     nesterov: bool | None = None

@@ -1,7 +1,7 @@
 """The learning-rate range test (Smith 2017, "Cyclical Learning Rates", section 3.3; fastai's `lr_find`).
 
     result = find_lr(run, make_step) # a Run from reslab.train.loop._setup, and steps.make_step
-    result.suggestion, result.rule   # e.g. 0.0832, "valley"
+    result.suggestion, result.rule   # e.g. 0.0832, "minimum"
 
 The lr grows exponentially from `start_lr` to `end_lr` over `steps` optimizer steps of the very
 training the run would do (its loader, augmentation, loss, precision, optimizer and parameter
@@ -11,14 +11,23 @@ it, so the finetune recipe's head and earlier stages move together. The loss is 
 does (an exponential moving average with beta 0.98, debiased as Adam's moments are); the test stops
 when the smoothed loss exceeds DIVERGE_FACTOR x its best so far, or a loss is NaN or infinite.
 
-The suggestion is fastai's "valley" (fastai.callback.schedule.valley, fastai 2.5): over the smoothed
-losses, less the first tenth of the planned steps (the average still warming up) and the last
-VALLEY_SKIP_END (the climb into divergence), the longest decreasing subsequence of the points (so a
-noisy step does not cut the descent short); the valley is that many points ending where it ends
-(at the lowest loss of the descent), and the suggestion the lr half way along it: past the flat
-start, well before the minimum, where the loss is still falling steadily. When
-fewer than VALLEY_MIN_POINTS points are left (the loss diverged almost at once), the rule is
-"minimum/10": a tenth of the lr at the lowest smoothed loss (fastai's `minimum`).
+Two rules read a suggestion off the smoothed losses; both leave out the first tenth of the
+planned steps (the average is still warming up: its first points are single batches).
+
+- "minimum" (the default): the lr at the lowest smoothed loss. Smith ("A disciplined approach to
+  neural network hyper-parameters", 2018) takes the peak of a one-cycle schedule where the
+  range test's loss stops falling, and reslab's recipes are SGD with Nesterov momentum on a one-cycle
+  schedule with a warm-up; the smoothing lags the raw loss a little, so this is about where the raw
+  loss has begun to rise. Measured against the recipes' own lrs in benchmarks/RESULTS.md.
+- "valley": fastai's (fastai.callback.schedule.valley, fastai 2.5, its default for Adam): less
+  also the last VALLEY_SKIP_END points (the climb into divergence), the longest decreasing
+  subsequence of the points (so a noisy step does not cut the descent short); the valley is that
+  many points ending where it ends, and the suggestion the lr half way along it: past the flat
+  start, well before the minimum, where the loss is still falling steadily. On reslab's SGD recipes
+  it lands 10-140x below their lr and trains worse (RESULTS.md); for Adam it is fastai's choice.
+
+When fewer than VALLEY_MIN_POINTS points are left for the rule (the loss diverged almost at once),
+the rule is "minimum/10": a tenth of the lr at the lowest smoothed loss of the whole short curve.
 
 `reslab train --lr-find` (`before_training`) runs it on rank 0 and trains at the suggestion;
 `reslab lr-find` (reslab.cli.lr_find) writes lr_find.png and lr_find.json.
@@ -40,7 +49,9 @@ SMOOTHING = 0.98  # fastai's Recorder: beta of the loss's moving average
 DIVERGE_FACTOR = 4.0  # fastai's LRFinder: stop once the smoothed loss passes 4x its best
 VALLEY_SKIP_END = 5  # fastai's lr_find leaves out the last 5 points and the first tenth
 VALLEY_MIN_POINTS = 5
-RULES = ("valley", "minimum/10")
+RULES = ("minimum", "valley")  # the rules a user can choose (--rule, --lr-find RULE)
+DEFAULT_RULE = "minimum"
+SHORT_CURVE_RULE = "minimum/10"
 LR_FIND_PNG, LR_FIND_JSON = "lr_find.png", "lr_find.json"
 
 
@@ -52,7 +63,8 @@ class LRFind:
     losses: list[float]  # the smoothed loss after each step
     raw_losses: list[float]
     suggestion: float
-    rule: str  # one of RULES
+    rule: str  # the rule asked for (one of RULES), or SHORT_CURVE_RULE
+    suggestions: dict[str, float]  # what every one of RULES suggests, for comparison
     stopped: str  # "diverged" (smoothed loss > DIVERGE_FACTOR x best), "not finite" or "completed"
     start_lr: float
     end_lr: float
@@ -74,11 +86,17 @@ def check_range(start_lr: float, end_lr: float, steps: int) -> None:
                           f"(the suggestion needs a curve), got {steps!r}")
 
 
+def check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ReslabError(f"unknown lr finder rule {rule!r}: choose one of {', '.join(RULES)}")
+
+
 def sweep(step: Callable[[float], float], *, start_lr: float = START_LR, end_lr: float = END_LR,
-          steps: int = STEPS) -> LRFind:
+          steps: int = STEPS, rule: str = DEFAULT_RULE) -> LRFind:
     """The range test over `step(lr) -> loss`, which sets the lr, takes one optimizer step and
     returns its loss; stops early on divergence. See the module docstring for the rule."""
     check_range(start_lr, end_lr, steps)
+    check_rule(rule)
     lrs, losses, raw = [], [], []
     average, best, stopped = 0.0, math.inf, "completed"
     for i in range(steps):
@@ -99,17 +117,20 @@ def sweep(step: Callable[[float], float], *, start_lr: float = START_LR, end_lr:
     if not lrs:
         raise ReslabError(f"the loss was NaN or infinite at the first step of the lr range test (lr {start_lr:g}); "
                           "give a lower --start-lr, or --grad-clip 1")
-    suggestion, rule = suggest(lrs, losses, steps)
-    return LRFind(lrs, losses, raw, suggestion, rule, stopped, start_lr, end_lr, steps)
+    suggestions = {name: suggest(lrs, losses, steps, name)[0] for name in RULES}
+    suggestion, used = suggest(lrs, losses, steps, rule)
+    return LRFind(lrs, losses, raw, suggestion, used, suggestions, stopped, start_lr, end_lr, steps)
 
 
-def suggest(lrs: list[float], losses: list[float], planned_steps: int) -> tuple[float, str]:
-    """(lr, rule): fastai's "valley", or "minimum/10" when the curve is too short (module docstring)."""
+def suggest(lrs: list[float], losses: list[float], planned_steps: int, rule: str = DEFAULT_RULE) -> tuple[float, str]:
+    """(lr, rule used): `rule` ("minimum" or "valley"), or "minimum/10" when the curve is too short
+    for it (module docstring)."""
     first = planned_steps // 10
-    kept = losses[first:len(losses) - VALLEY_SKIP_END]
+    kept = losses[first:len(losses) - (VALLEY_SKIP_END if rule == "valley" else 0)]
     if len(kept) < VALLEY_MIN_POINTS:
-        best = min(range(len(losses)), key=losses.__getitem__)
-        return lrs[best] / 10, "minimum/10"
+        return lrs[_lowest(losses)] / 10, SHORT_CURVE_RULE
+    if rule == "minimum":
+        return lrs[first + _lowest(kept)], rule
     # longest[i]: the length of the longest decreasing subsequence ending at point i. fastai's valley
     # is the `length` points ending where the longest one ends, and its lr is at int(length/3) +
     # int(length/6) into it (about half way): fastai.callback.schedule.valley, kept exactly.
@@ -118,7 +139,11 @@ def suggest(lrs: list[float], losses: list[float], planned_steps: int) -> tuple[
         longest[i] = 1 + max((longest[j] for j in range(i) if kept[i] < kept[j]), default=0)
     end = max(range(len(kept)), key=lambda i: (longest[i], -i))  # the first of the longest
     start = end - longest[end]
-    return lrs[first + start + int(longest[end] / 3) + int(longest[end] / 6)], "valley"
+    return lrs[first + start + int(longest[end] / 3) + int(longest[end] / 6)], rule
+
+
+def _lowest(losses: list[float]) -> int:
+    return min(range(len(losses)), key=losses.__getitem__)
 
 
 def _batches(loader) -> Iterator:
@@ -131,7 +156,7 @@ def _batches(loader) -> Iterator:
 
 
 def find_lr(run, make_step: Callable, *, start_lr: float = START_LR, end_lr: float = END_LR,
-            steps: int = STEPS) -> LRFind:
+            steps: int = STEPS, rule: str = DEFAULT_RULE) -> LRFind:
     """The range test of a reslab.train.loop.Run: its loader, step and optimizer groups, on copies.
 
     The test trains as the run's first epoch would: with the finetune recipe, the new head alone
@@ -160,7 +185,7 @@ def find_lr(run, make_step: Callable, *, start_lr: float = START_LR, end_lr: flo
         return step(x, y)[0].item()
 
     try:
-        return sweep(one_step, start_lr=start_lr, end_lr=end_lr, steps=steps)
+        return sweep(one_step, start_lr=start_lr, end_lr=end_lr, steps=steps, rule=rule)
     finally:
         run_files.set_rng_state(rng)
 
@@ -175,9 +200,16 @@ def scale_lr(run, lr: float) -> None:
     run.cfg = dataclasses.replace(run.cfg, lr=lr)
 
 
+def rule_of(lr_find: bool | str) -> str:
+    """The rule a config's `lr_find` asks for: True is DEFAULT_RULE, a string names one of RULES."""
+    return DEFAULT_RULE if lr_find is True else lr_find
+
+
 def check_new_run(config) -> None:
     """--lr-find chooses the lr of a new run (a TrainConfig as given, before resolve()): refused with
     --resume, and with an explicit --lr it would override."""
+    if config.lr_find not in (False, True):
+        check_rule(config.lr_find)
     if config.lr_find and config.resume:
         raise ReslabError(f"--lr-find chooses the lr of a new run, but --resume {config.resume} continues one at its "
                           "own lr; drop --lr-find")
@@ -199,7 +231,7 @@ def before_training(run, bar, make_step: Callable, saved: dict) -> None:
     found = error = None
     if ctx.is_main:
         try:
-            found = find_lr(run, make_step, steps=STEPS)
+            found = find_lr(run, make_step, steps=STEPS, rule=rule_of(cfg.lr_find))
         except ReslabError as err:  # every rank raises it, none is left waiting
             error = str(err)
     found, error = ctx.broadcast((found, error))
@@ -227,5 +259,6 @@ def write(folder: Path, found: LRFind, *, model: str) -> tuple[Path, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / LR_FIND_JSON, {"model": model, **found.to_dict()})
-    png = plots.lr_find(folder / LR_FIND_PNG, found.lrs, found.losses, found.suggestion, found.rule)
+    png = plots.lr_find(folder / LR_FIND_PNG, found.lrs, found.losses, found.suggestion, found.rule,
+                      found.suggestions)
     return folder / LR_FIND_JSON, png

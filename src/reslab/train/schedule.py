@@ -42,9 +42,3 @@ def set_lr(optimizer, multiplier: float) -> float:
         group["lr"] = group["base_lr"] * multiplier
     return optimizer.param_groups[0]["lr"]
 
-
-def budget_epochs(budget: float, spent: float, epoch_seconds: float, final_seconds: float) -> int:
-    """The most whole epochs of `epoch_seconds` (steps, evaluation, checkpoint) that fit in what is
-    left of `budget` after the `spent` seconds (loading, measuring) and the `final_seconds` (the
-    test pass) still to come; may be 0 or less: nothing fits."""
-    return int((budget - spent - final_seconds) // max(epoch_seconds, 1e-9))
