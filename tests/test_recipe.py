@@ -4,6 +4,7 @@ recorded in config.json, and to resume bitwise."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -82,26 +83,33 @@ def test_budget_fits_the_epochs_to_a_fake_clock_and_records_them(folder, tmp_pat
     run = tmp_path / "run"
     summary = train(tiny_config(folder, run, epochs=None, budget=budget))
     # 27 training images in batches of 8: 4 steps an epoch, then one validation pass. Measuring ran
-    # 2 warm-up and 3 timed steps and 2 validation passes (5.5 s), so (0.98 budget - 5.5) // 4.25 epochs
-    # fit: the plan aims at BUDGET_AIM of the budget.
-    epoch_seconds, spent = 4 * clock.STEP + clock.EVAL, 5 * clock.STEP + 2 * clock.EVAL
-    expected = int((BUDGET_AIM * budget - spent) // epoch_seconds)
-    assert summary["epochs"] == summary["planned_epochs"] == expected >= 1
+    # 2 warm-up and 3 timed steps and 2 validation passes (5.5 s), and the end will measure test-time
+    # flipping (2 passes, 0.5 s), so (0.98 budget - 6) // 4.25 whole epochs fit (the plan aims at
+    # BUDGET_AIM of the budget), and then a last one of the steps that fit after its validation pass:
+    # 30 s -> 5 epochs + 1 step, 100 s -> 21 epochs + 2 steps.
+    epoch_seconds, spent, final = 4 * clock.STEP + clock.EVAL, 5 * clock.STEP + 2 * clock.EVAL, 2 * clock.EVAL
+    whole = int((BUDGET_AIM * budget - spent - final) // epoch_seconds)
+    last = int((BUDGET_AIM * budget - spent - final - whole * epoch_seconds - clock.EVAL) // clock.STEP)
+    assert (whole, last) == {30.0: (5, 1), 100.0: (21, 2)}[budget]
+    assert summary["epochs"] == summary["planned_epochs"] == whole + 1
     used = summary["budget"]["used_seconds"]
-    assert used <= BUDGET_AIM * budget < used + epoch_seconds
+    assert used <= BUDGET_AIM * budget < used + clock.STEP  # within one step of the aim, not one epoch
     assert summary["budget"]["replans"] == []  # the real epochs took what was measured
     assert summary["budget"]["step_seconds"] == pytest.approx(clock.STEP)
     record = json.loads((run / "config.json").read_text())
-    assert record["config"]["epochs"] == expected and record["config"]["budget"] is None
-    assert record["budget"]["epochs"] == expected and record["budget"]["seconds"] == budget
-    # The schedule spans exactly the chosen epochs: one-cycle ends at its last step.
+    assert record["config"]["epochs"] == whole + 1 and record["config"]["budget"] is None
+    assert record["budget"]["epochs"] == whole + 1 and record["budget"]["seconds"] == budget
+    assert record["budget"]["last_epoch_steps"] == last
+    # The schedule spans exactly the steps chosen: one-cycle ends at the last step of the short epoch.
     state = load_state(run)
-    steps = 4 * expected
+    steps = 4 * whole + last
     assert state["global_step"] == steps
     warmup = round(record["config"]["warmup_epochs"] * 4)
     peak = record["config"]["lr"]  # the photo-folder default lr
     assert state["rows"][-1][1] == pytest.approx(peak * lr_multiplier("onecycle", steps - 1, steps, warmup))
-    assert record["config"]["warmup_epochs"] == pytest.approx(0.25 * expected)
+    assert record["config"]["warmup_epochs"] == pytest.approx(0.25 * (whole + 1))
+    with open(run / "steps.csv", newline="") as f:
+        assert float(list(csv.DictReader(f))[-1]["epoch"]) == pytest.approx(whole + last / 4)
 
 
 def test_budget_run_is_the_run_of_its_epochs_and_resumes_bitwise_with_every_ingredient(folder, tmp_path,
@@ -136,18 +144,21 @@ def test_budget_replans_from_the_real_epochs_and_ends_within_an_epoch_of_its_aim
 
     summary = train(tiny_config(folder, tmp_path / "run", epochs=None, budget=budget), stop=change_speed)
     plan = summary["budget"]
-    # (0.98 x 60 - 5.5) // 4.25: the measurement's plan; the real epochs are 4 x real_step + 0.25 s.
-    assert plan["measured_epochs"] == 12 and plan["replans"]
-    assert (summary["epochs"] < 12) if real_step > 1 else (summary["epochs"] > 12)
+    # (0.98 x 60 - 5.5) // 4.25 = 12 whole epochs and 2 steps: the measurement's plan; the real epochs
+    # are 4 x real_step + 0.25 s (the first one's first step at the measured speed).
+    assert (plan["measured_epochs"], plan["replans"][0]["after_epoch"]) == (13, 1)
+    assert (summary["epochs"] < 13) if real_step > 1 else (summary["epochs"] > 13)
     assert summary["epochs"] == summary["planned_epochs"] == plan["epochs"] == plan["replans"][-1]["epochs"]
-    real_epoch = 4 * real_step + clock.EVAL
-    assert plan["used_seconds"] <= BUDGET_AIM * budget < plan["used_seconds"] + real_epoch
+    # Within a step or two of the aim (the mean epoch counts the first one's faster or slower step).
+    assert abs(BUDGET_AIM * budget - plan["used_seconds"]) < 2 * real_step
+    assert plan["used_seconds"] <= budget
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["config"]["epochs"] == summary["epochs"] and record["budget"]["replans"] == plan["replans"]
     # The one-cycle schedule still ends at the last step; the warm-up is the first plan's.
-    steps = 4 * summary["epochs"]
+    steps = 4 * (summary["epochs"] - 1) + plan["last_epoch_steps"]
+    assert load_state(tmp_path / "run")["global_step"] == steps
     warmup = round(record["config"]["warmup_epochs"] * 4)
-    assert record["config"]["warmup_epochs"] == pytest.approx(0.25 * 12)
+    assert record["config"]["warmup_epochs"] == pytest.approx(0.25 * 13)
     assert load_state(tmp_path / "run")["rows"][-1][1] == pytest.approx(
         record["config"]["lr"] * lr_multiplier("onecycle", steps - 1, steps, warmup))
 
@@ -181,11 +192,13 @@ def test_cli_end_line_says_how_the_budget_was_spent(folder, tmp_path, monkeypatc
             "--budget", "30s", "--flip", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
-    # (0.98 x 30 - 5.5 - 0.5) // 4.25 = 5 epochs; the end measures flipping on the validation split (2
-    # passes: the images and their mirror images): 5.5 + 5 x 4.25 + 0.5 = 27.25 s of the 30.
-    assert out[-1].startswith("used 27.2s of 30s (91%): 6s loading and measuring (1 s a step), then 5 epochs "
+    # (0.98 x 30 - 5.5 - 0.5) // 4.25 = 5 epochs, then a 6th of the 1 step that fits after its validation
+    # pass; the end measures flipping on the validation split (2 passes: the images and their mirror
+    # images): 5.5 + 5 x 4.25 + 0.25 + 1 + 0.5 = 28.5 s of the 30.
+    assert out[-1].startswith("used 28.5s of 30s (95%): 6s loading and measuring (1 s a step), then 6 epochs "
                               "planned at 4.2s each with evaluation and checkpoint, and 0.5s for the final "
                               "evaluations"), out[-1]
+    assert "the last epoch shortened to the 1 of its 4 steps that fit" in out[-1]
 
 
 def test_budget_refusals_say_why(folder, tmp_path, monkeypatch):

@@ -186,6 +186,9 @@ def budget_line(budget: dict) -> str:
         last = replans[-1]["epoch_seconds"]
         replanned = (f"; re-planned to {budget['epochs']} epochs from the real epochs ({last:.1f}s each, "
                      f"{len(replans)} re-plan{'s' if len(replans) > 1 else ''})")
+    last, per_epoch = budget.get("last_epoch_steps"), budget.get("steps_per_epoch")
+    if last and per_epoch and last < per_epoch:
+        replanned += f"; the last epoch shortened to the {last} of its {per_epoch} steps that fit"
     return (f"{spent}: {budget['setup_seconds']:.0f}s loading and measuring ({budget['step_seconds']:.3g} s a step), "
             f"then {budget.get('measured_epochs', budget['epochs'])} epochs planned at {budget['epoch_seconds']:.1f}s "
             f"each with evaluation and checkpoint, and {budget['final_seconds']:.1f}s for the final evaluations "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -107,12 +108,13 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: EpochBar) -> dic
                                 device=run.device)
     count = before.count if ctx.is_main else 0.0
     first_bad = torch.tensor(-1, device=run.device)  # step of the first non-finite loss; read every SYNC_EVERY
-    bar.start_epoch(f"{p.epoch + 1}/{run.cfg.epochs}", len(run.loader), p.step_in_epoch)
+    steps_here = run.epoch_steps(p.epoch)  # the loader's batches, or fewer in a budget's shortened last epoch
+    bar.start_epoch(f"{p.epoch + 1}/{run.cfg.epochs}", steps_here, p.step_in_epoch)
     every = SYNC_EVERY * max(1, round(len(run.loader) / POINTS_PER_EPOCH / SYNC_EVERY))
     window = [*loss_correct.tolist(), count]  # the sums when steps.csv's current window began
     start = budget.clock()
     lr, halted = run.set_lr(p.global_step), False
-    for i, (x, y) in enumerate(run.loader):
+    for i, (x, y) in enumerate(itertools.islice(run.loader, steps_here)):
         if i < p.step_in_epoch:  # resuming mid-epoch: the same batches, already trained on
             continue
         lr = run.set_lr(p.global_step)
@@ -124,14 +126,14 @@ def train_one_epoch(run: Run, halt: Callable[[int], bool], bar: EpochBar) -> dic
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
         p.global_step, p.step_in_epoch = p.global_step + 1, i + 1
         halted = ctx.any(halt(i + 1))  # every rank stops at the same step
-        if halted or (i + 1) % SYNC_EVERY == 0 or i + 1 == len(run.loader):
+        if halted or (i + 1) % SYNC_EVERY == 0 or i + 1 == steps_here:
             _stop_if_not_finite(run, int(first_bad), lr)
             if run.log is not None:
                 run.log.step_loss(p.global_step, loss)
             loss_sum, correct_sum = loss_correct.tolist()
             elapsed = before.seconds + budget.clock() - start
             bar.update(i + 1, loss_sum / count, correct_sum / count, count / max(elapsed, 1e-9))
-            if ((i + 1) % every == 0 or i + 1 == len(run.loader)) and count > window[2]:
+            if ((i + 1) % every == 0 or i + 1 == steps_here) and count > window[2]:
                 seen = count - window[2]
                 p.points.append([p.global_step, p.epoch + (i + 1) / len(run.loader), (loss_sum - window[0]) / seen,
                                  (correct_sum - window[1]) / seen])

@@ -69,7 +69,17 @@ class Run:
         if step < head:
             return set_lr(self.optimizer, lr_multiplier("cosine", step, head))
         warmup = round(cfg.warmup_epochs * steps)
-        return set_lr(self.optimizer, lr_multiplier(cfg.schedule, step - head, cfg.epochs * steps - head, warmup))
+        total = (cfg.epochs - 1) * steps + self.epoch_steps(cfg.epochs - 1)
+        return set_lr(self.optimizer, lr_multiplier(cfg.schedule, step - head, total - head, warmup))
+
+    def epoch_steps(self, epoch: int) -> int:
+        """The optimizer steps of epoch `epoch` (0-based): the loader's batches, but a --budget plan may
+        shorten its last epoch to the steps that fit (budget "last_epoch_steps"; a run given more
+        --epochs on resume trains whole epochs)."""
+        steps, planned = len(self.loader), self.budget or {}
+        if epoch == self.cfg.epochs - 1 and planned.get("epochs") == self.cfg.epochs:
+            return min(steps, planned.get("last_epoch_steps") or steps)
+        return steps
 
     def set_phase(self, epoch: int) -> None:
         """The finetune recipe's phases, a pure function of the epoch (so resume is exact): the body
