@@ -133,6 +133,9 @@ def replan(run: Run, bar: EpochBar) -> None:
     epochs, last = run.ctx.broadcast((p.epoch + max(more, 0), last if more > 0 else per_epoch))  # rank 0's decides
     if (epochs, last) == (run.cfg.epochs, run.budget["last_epoch_steps"]):
         return
+    if epochs == run.cfg.epochs and p.epoch + 1 < epochs and (
+            abs(last - run.budget["last_epoch_steps"]) < MIN_LAST_EPOCH * per_epoch):
+        return  # the last epoch moves by less than a tenth of an epoch: settled before it begins
     before = epochs_words(run.cfg.epochs, run.budget["last_epoch_steps"], per_epoch)
     run.cfg = run.cfg.with_epochs(epochs)
     planned = now - watch.started + _epochs_seconds(epochs - p.epoch, last, per_epoch, epoch_seconds,
