@@ -127,9 +127,10 @@ def replan(run: Run, bar: EpochBar) -> None:
     if p.epoch < 1 or p.stopped != "running":
         return
     epoch_seconds = (now - watch.epochs_started) / p.epoch  # a new run's whole epochs, all timed here
-    final_seconds, fixed, per_epoch = run.budget["final_seconds"], run.budget["fixed_seconds"], len(run.loader)
-    more, last = budget_fit(run.budget["seconds"], now - watch.started, epoch_seconds, min(fixed, epoch_seconds),
-                            per_epoch, final_seconds)
+    final_seconds, per_epoch = run.budget["final_seconds"], len(run.loader)
+    fixed = min(run.budget["fixed_seconds"], epoch_seconds)  # the measured evaluation and files, within an epoch
+    more, last = budget_fit(run.budget["seconds"], now - watch.started, epoch_seconds, fixed, per_epoch,
+                            final_seconds)
     epochs, last = run.ctx.broadcast((p.epoch + max(more, 0), last if more > 0 else per_epoch))  # rank 0's decides
     if (epochs, last) == (run.cfg.epochs, run.budget["last_epoch_steps"]):
         return
@@ -139,7 +140,7 @@ def replan(run: Run, bar: EpochBar) -> None:
     before = epochs_words(run.cfg.epochs, run.budget["last_epoch_steps"], per_epoch)
     run.cfg = run.cfg.with_epochs(epochs)
     planned = now - watch.started + _epochs_seconds(epochs - p.epoch, last, per_epoch, epoch_seconds,
-                                                    min(fixed, epoch_seconds)) + final_seconds
+                                                    fixed) + final_seconds
     run.budget.update(epochs=epochs, last_epoch_steps=last, planned_seconds=round(planned, 1))
     run.budget["replans"].append({"after_epoch": p.epoch, "epochs": epochs, "last_epoch_steps": last,
                                   "epoch_seconds": round(epoch_seconds, 2),

@@ -117,9 +117,10 @@ def sweep(step: Callable[[float], float], *, start_lr: float = START_LR, end_lr:
     if not lrs:
         raise ReslabError(f"the loss was NaN or infinite at the first step of the lr range test (lr {start_lr:g}); "
                           "give a lower --start-lr, or --grad-clip 1")
-    suggestions = {name: suggest(lrs, losses, steps, name)[0] for name in RULES}
-    suggestion, used = suggest(lrs, losses, steps, rule)
-    return LRFind(lrs, losses, raw, suggestion, used, suggestions, stopped, start_lr, end_lr, steps)
+    answers = {name: suggest(lrs, losses, steps, name) for name in RULES}  # (lr, rule used) of each rule
+    suggestion, used = answers[rule]
+    return LRFind(lrs, losses, raw, suggestion, used, {name: lr for name, (lr, _) in answers.items()}, stopped,
+                  start_lr, end_lr, steps)
 
 
 def suggest(lrs: list[float], losses: list[float], planned_steps: int, rule: str = DEFAULT_RULE) -> tuple[float, str]:

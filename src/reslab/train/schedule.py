@@ -41,4 +41,3 @@ def set_lr(optimizer, multiplier: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * multiplier
     return optimizer.param_groups[0]["lr"]
-
