@@ -427,6 +427,24 @@ def test_table6_warms_resnet110_up_and_refuses_bad_settings():
         Table6Config.resumed("/nonexistent/folder")
 
 
+def test_a_relative_data_path_is_recorded_absolute_so_resume_works_from_elsewhere(tmp_path, monkeypatch):
+    from reslab.experiments.common import claim_experiment_dir
+    from reslab.train import TrainConfig
+
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    claim_experiment_dir(Table6Config(data="photos", depths=[20], out="t6"), "table6")
+    absolute = str(tmp_path / "photos")
+    assert json.loads((tmp_path / "t6" / "experiment.json").read_text())["settings"]["data"] == absolute
+    assert TrainConfig(data="photos").resolve().data == absolute and TrainConfig().resolve().data == "digits"
+    assert Table6Config.resumed("t6", data="./photos/").data == absolute  # the same folder, spelled otherwise
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert Table6Config.resumed(str(tmp_path / "t6")).data == absolute
+    with pytest.raises(ReslabError, match="--data photos differs"):
+        Table6Config.resumed(str(tmp_path / "t6"), data="photos")  # not a folder here: another data set
+
+
 def test_budget_on_a_cifar_archive_replans_and_reads_the_test_split_once_at_the_end(cifar, tmp_path, monkeypatch,
                                                                                     one_thread):
     from reslab.train import TrainConfig, steps, train

@@ -9,6 +9,7 @@ below trust them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from reslab.data.augment import POLICIES
@@ -26,12 +27,22 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "POLICIES",
     "Split",
+    "data_path",
     "download",
     "load_data",
     "preprocess_image",
 ]
 
 NAMED = ("digits", "cifar10", "cifar100")
+
+
+def data_path(spec: str) -> str:
+    """`spec` as a run or an experiment records it: a name stays a name; a path that exists becomes
+    absolute, so that `--resume` from another working directory finds the same data."""
+    if not isinstance(spec, str) or spec in NAMED:
+        return spec
+    path = Path(spec).expanduser()
+    return os.path.abspath(path) if path.exists() else spec
 
 
 def load_data(

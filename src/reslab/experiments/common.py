@@ -263,10 +263,13 @@ def claim_experiment_dir(config, experiment: str) -> Path:
     if (out / EXPERIMENT_FILE).exists() or (out / "summary.json").exists():
         raise ReslabError(f"--out {out} already holds a {experiment} experiment; continue it with --resume {out} "
                           "or choose another --out")
+    from reslab.data import data_path
     from reslab.io import write_json
 
-    write_json(out / EXPERIMENT_FILE, {"experiment": experiment, "settings": {
-        k: v for k, v in asdict(config).items() if k not in RESUME_FREE}})
+    settings = {k: v for k, v in asdict(config).items() if k not in RESUME_FREE}
+    if "data" in settings:  # absolute, so that --resume from another working directory finds it
+        settings["data"] = data_path(settings["data"])
+    write_json(out / EXPERIMENT_FILE, {"experiment": experiment, "settings": settings})
     return out
 
 
@@ -288,7 +291,13 @@ def resumed_config(cls, folder: str, experiment: str, given: dict):
     settings = {k: v for k, v in saved["settings"].items() if k in {f.name for f in fields(cls)}}
     if "out" in given and Path(given["out"]).resolve() != Path(folder).resolve():
         raise ReslabError(f"--resume {folder} continues the experiment in its own folder; drop --out {given['out']}")
+    from reslab.data import data_path
+
+    if "data" in settings:  # recorded absolute (claim_experiment_dir); as typed before that
+        settings["data"] = data_path(settings["data"])
     for key, value in given.items():
+        if key == "data":
+            value = data_path(value)
         if key in settings and key not in RESUME_FREE and value != settings[key]:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             was = " ".join(map(str, settings[key])) if isinstance(settings[key], (list, tuple)) else settings[key]

@@ -161,7 +161,9 @@ class TrainConfig:
         if self.budget is not None and self.epochs is not None:
             raise ReslabError(f"--budget {format_duration(self.budget)} chooses the number of epochs itself, so "
                               f"--epochs {self.epochs} cannot come with it; drop one of them")
-        cfg = dataclasses.replace(self)
+        from reslab.data import data_path
+
+        cfg = dataclasses.replace(self, data=data_path(self.data))
         for key, value in photo_defaults(cfg).items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
