@@ -174,6 +174,7 @@ def table6(summary: dict, path: str | os.PathLike) -> Path:
     if paper:
         ax.plot(*zip(*paper), "x", color=PALETTE[1], ms=7, mew=2, label="paper, Table 6 (test)")
     ax.set_xticks(range(len(depths)), [f"ResNet-{d}" for d in depths])
+    ax.set_xlim(-0.5, len(depths) - 0.5)  # one slot per depth, also for a single depth (dots and cross beside it)
     ax.set_ylabel(f"{held_out} error (%)")
     ax.set_title(f"CIFAR-10 {held_out} error by depth")
     ax.legend(loc="best", fontsize=8)
