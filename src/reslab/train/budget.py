@@ -86,10 +86,10 @@ def plan(run: Run, started: float, bar: EpochBar) -> None:
     times = measure(run)
     steps_per_epoch = len(run.loader)
     test = len(run.test_loader.split) if run.test_loader is not None else 0
-    epoch_seconds = steps_per_epoch * times["step"] + (2 if run.ema else 1) * times["eval_pass"] + times["overhead"]
+    fixed = (2 if run.ema else 1) * times["eval_pass"] + times["overhead"]  # an epoch's evaluation and files
+    epoch_seconds = steps_per_epoch * times["step"] + fixed
     final_seconds = test * times["eval_image"] + (2 * times["eval_pass"] if flips(run) else 0.0)  # + tta
     spent = clock() - started
-    fixed = epoch_seconds - steps_per_epoch * times["step"]  # an epoch's evaluation and files
     epochs, last = ctx.broadcast(budget_fit(cfg.budget, spent, epoch_seconds, fixed, steps_per_epoch,
                                             final_seconds))  # rank 0's decides
     budget = format_duration(cfg.budget)
