@@ -314,6 +314,40 @@ def test_degradation_on_a_cifar_archive_continues_a_killed_experiment(cifar, tmp
     assert png_size(out / "degradation.png")[0] > 0
 
 
+def stop_resnet8_in_epoch_2(name, epoch, step):
+    """A stop hook that travels to a worker process (module level, so pickled by reference)."""
+    return (name, epoch, step) == ("resnet8", 2, 1)
+
+
+def test_degradation_side_by_side_trains_the_nets_it_would_train_in_turn(env, tmp_path, one_thread, capsys):
+    from safetensors.torch import load_file
+
+    settings = dict(data=str(env / "shapes"), depths=[8], epochs=2, batch_size=8, image_size=8, precision="fp32")
+    in_turn = run_degradation(DegradationConfig(out=str(tmp_path / "in-turn"), quiet=True, **settings))
+    out = tmp_path / "side"
+    with pytest.raises(ReslabError, match=f"stopped at epoch 2 of 2 .*--resume {out}"):
+        run_degradation(DegradationConfig(out=str(out), jobs=2, **settings), stop=stop_resnet8_in_epoch_2)
+    printed = capsys.readouterr().out
+    assert "resnet8: epoch 1/2  train loss" in printed
+    assert "resnet8: epoch 2/2" not in printed and not (out / "summary.json").exists()
+    assert (out / "resnet8" / "last.state.pt").is_file()
+    side = run_degradation(DegradationConfig.resumed(str(out), jobs=2, quiet=True))
+    assert side["settings"]["jobs"] == 2 and "jobs" not in json.loads((out / "experiment.json").read_text())["settings"]
+    # One thread a net here as in turn: the very nets, bit for bit, though resnet8 was stopped and resumed.
+    for name in ("plain8", "resnet8"):
+        ours, theirs = (load_file(root / name / "last.safetensors") for root in (out, tmp_path / "in-turn"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert side["models"][name]["test_error"] == in_turn["models"][name]["test_error"]
+    with pytest.raises(ReslabError, match="--jobs takes a positive integer .*got 0"):
+        DegradationConfig(jobs=0)
+    with pytest.raises(ReslabError, match="--jobs takes a positive integer .*got 1.5"):
+        Table6Config(jobs=1.5)
+    capsys.readouterr()
+    assert main(["experiment", "table6", "--data", str(env / "shapes"), "--jobs", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--jobs takes a positive integer" in err
+
+
 def test_degradation_paper_recipe_takes_its_own_lr():
     assert DegradationConfig().train_config("plain20", Path("x")).resolve().lr == 0.05
     assert DegradationConfig(recipe="paper").train_config("plain20", Path("x")).resolve().lr == 0.1

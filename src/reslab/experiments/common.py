@@ -51,6 +51,12 @@ def check_data(data: str) -> None:
         raise ReslabError(f"data not found: {data!r}; give {', '.join(NAMED)}, an image folder or a CIFAR tarball")
 
 
+def check_jobs(jobs) -> None:
+    """Refuse a number of nets to train at once that is not a positive integer."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ReslabError(f"--jobs takes a positive integer (nets trained at once), got {jobs!r}")
+
+
 def check_epochs(epochs) -> None:
     """Refuse a schedule length that is not a whole number of epochs, at least one."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -186,22 +192,25 @@ class TrainedNet:
 
 
 def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None = None, *, resume: str | None = None,
-               stop: Callable[[str, int, int], bool] | None = None) -> Iterator[TrainedNet]:
+               stop: Callable[[str, int, int], bool] | None = None, jobs: int = 1) -> Iterator[TrainedNet]:
     """Train each resolved TrainConfig of `configs` (key -> config) in turn, reporting
     `progress(k, n, key)` before each; yields what each run logged.
 
     With `resume` (the experiment's folder, for the message), a net whose run folder exists is
     continued instead (`continue_run`). `stop(key, epoch, step)` is the trainer's stop hook per
     net; a net that stops before its end (Ctrl-C, `stop`) ends the experiment with a ReslabError
-    that says how to continue it."""
-    from reslab.train import train
+    that says how to continue it. `jobs` > 1 trains that many nets at once, side by side
+    (reslab.experiments.parallel), and yields them in the same order."""
     from reslab.train.state import METRICS, STEPS, read_metrics
 
-    for k, (name, cfg) in enumerate(configs.items()):
-        if progress is not None:
-            progress(k, len(configs), name)
-        hook = None if stop is None else (lambda epoch, step, name=name: stop(name, epoch, step))
-        result = continue_run(cfg, hook) if resume is not None else train(cfg, stop=hook)
+    if jobs > 1 and len(configs) > 1:
+        from reslab.experiments.parallel import train_side_by_side
+
+        results = train_side_by_side(configs, progress, resume=resume, stop=stop, jobs=jobs,
+                                     quiet=all(cfg.quiet for cfg in configs.values()))
+    else:
+        results = _train_in_turn(configs, progress, resume, stop)
+    for name, cfg, result in results:
         if result.get("interrupted"):
             raise ReslabError(f"{name} stopped at epoch {result['epochs'] + 1} of {cfg.epochs} (checkpointed in "
                               f"{result['run_dir']}); continue the experiment with --resume {Path(cfg.out).parent}")
@@ -210,6 +219,22 @@ def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None =
         steps = read_metrics(run_dir / STEPS) if (run_dir / STEPS).is_file() else []  # none before steps.csv
         yield TrainedNet(name, cfg, result, run_dir, metrics, [error(m["train_acc"]) for m in metrics],
                          [error(m["val_acc"]) for m in metrics], steps)
+
+
+def _train_in_turn(configs: dict, progress, resume: str | None, stop) -> Iterator[tuple[str, object, dict]]:
+    for k, (name, cfg) in enumerate(configs.items()):
+        if progress is not None:
+            progress(k, len(configs), name)
+        hook = None if stop is None else (lambda epoch, step, name=name: stop(name, epoch, step))
+        yield name, cfg, train_one(cfg, resume, hook)
+
+
+def train_one(cfg, resume: str | None, stop: Callable[[int, int], bool] | None = None) -> dict:
+    """The trainer's summary of one net of an experiment: trained, or with `resume` continued
+    (`continue_run`)."""
+    from reslab.train import train
+
+    return continue_run(cfg, stop) if resume is not None else train(cfg, stop=stop)
 
 
 def continue_run(cfg, stop: Callable[[int, int], bool] | None = None) -> dict:
@@ -250,8 +275,8 @@ def finished_summary(run_dir: Path) -> dict | None:
 
 # The experiment's own record in its folder: which experiment, with which settings; --resume reads it.
 EXPERIMENT_FILE = "experiment.json"
-# Settings a resumed experiment may take anew: they change no number.
-RESUME_FREE = ("out", "resume", "quiet")
+# Settings a resumed experiment may take anew: they change no net's settings (jobs: how many train at once).
+RESUME_FREE = ("out", "resume", "quiet", "jobs")
 
 
 def claim_experiment_dir(config, experiment: str) -> Path:
@@ -276,7 +301,7 @@ def claim_experiment_dir(config, experiment: str) -> Path:
 def resumed_config(cls, folder: str, experiment: str, given: dict):
     """`cls` (an experiment's config) as saved in `folder`, to continue it. `given`: the options the
     user set; one that differs from the saved setting is refused, since the nets already trained
-    used the saved one (out, resume and quiet may change)."""
+    used the saved one (out, resume, quiet and jobs may change)."""
     path = Path(folder) / EXPERIMENT_FILE
     try:
         saved = json.loads(path.read_text())
@@ -303,7 +328,7 @@ def resumed_config(cls, folder: str, experiment: str, given: dict):
             was = " ".join(map(str, settings[key])) if isinstance(settings[key], (list, tuple)) else settings[key]
             raise ReslabError(f"--resume {folder} continues the experiment with its own settings: "
                               f"--{key.replace('_', '-')} {shown} differs from its {was}; drop the option")
-    extra = {k: v for k, v in given.items() if k in ("quiet",)}
+    extra = {k: v for k, v in given.items() if k in ("quiet", "jobs")}
     return cls(**settings, **extra, out=os.fspath(folder), resume=os.fspath(folder))
 
 

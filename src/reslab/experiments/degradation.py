@@ -24,6 +24,7 @@ from reslab.errors import ReslabError
 from reslab.experiments.common import (
     ERROR_DEFINITIONS,
     check_epochs,
+    check_jobs,
     claim_experiment_dir,
     default_image_size,
     model_depth,
@@ -71,6 +72,7 @@ class DegradationConfig:
     out: str | None = None
     resume: str | None = None  # an earlier experiment's folder to continue (see `resumed`)
     quiet: bool = False
+    jobs: int = 1  # nets trained at once, side by side (reslab.experiments.parallel)
 
     def __post_init__(self):
         self.depths = list(self.depths)
@@ -84,6 +86,7 @@ class DegradationConfig:
             get_model_spec(f"plain{depth}")  # a depth that is not 6n+2 is refused here, with the reason
         if self.epochs is not None:
             check_epochs(self.epochs)
+        check_jobs(self.jobs)
 
     @classmethod
     def resumed(cls, folder: str, **given) -> DegradationConfig:
@@ -141,7 +144,7 @@ def run_degradation(config: DegradationConfig, progress=None, stop=None) -> dict
     iterations = steps_per_epoch(len(data.train), config.batch_size)
     models, curves, rows, step_rows = {}, {}, [], []
     started = time.perf_counter()
-    for net in train_nets(train_configs, progress, resume=config.resume, stop=stop):
+    for net in train_nets(train_configs, progress, resume=config.resume, stop=stop, jobs=config.jobs):
         depth, residual = model_depth(net.name), get_model_spec(net.name).residual
         models[net.name] = {"depth": depth, "residual": residual, **net.errors(data)}
         epochs = [int(m["epoch"]) for m in net.metrics]

@@ -25,6 +25,7 @@ from reslab.errors import ReslabError
 from reslab.experiments.common import (
     ERROR_DEFINITIONS,
     check_epochs,
+    check_jobs,
     check_model_names,
     default_out,
     shared_train_config,
@@ -62,11 +63,13 @@ class InceptionConfig:
     precision: str = "auto"
     out: str | None = None
     quiet: bool = False
+    jobs: int = 1  # nets trained at once, side by side (reslab.experiments.parallel)
 
     def __post_init__(self):
         self.models = list(self.models)
         check_model_names(self.models)
         check_epochs(self.epochs)
+        check_jobs(self.jobs)
         size = self.image_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
             raise ReslabError(f"--image-size must be an integer of at least 8, got {self.image_size!r}")
@@ -121,7 +124,7 @@ def run_inception(config: InceptionConfig, progress=None) -> dict:
     data = load_data(config.data, image_size=size, seed=config.seed, quiet=True)
     models, curves, rows, precisions = {}, {}, [], set()
     started = time.perf_counter()
-    for net in train_nets(train_configs, progress):
+    for net in train_nets(train_configs, progress, jobs=config.jobs):
         name, train_errors = net.name, net.train_errors
         epoch_seconds = [m["seconds"] for m in net.metrics]
         spec = get_model_spec(name)

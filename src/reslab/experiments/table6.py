@@ -38,6 +38,7 @@ from reslab.errors import ReslabError
 from reslab.experiments.common import (
     check_data,
     check_epochs,
+    check_jobs,
     claim_experiment_dir,
     error,
     has_test_split,
@@ -72,6 +73,7 @@ class Table6Config:
     out: str | None = None
     resume: str | None = None  # an earlier experiment's folder to continue (see `resumed`)
     quiet: bool = False
+    jobs: int = 1  # nets trained at once, side by side (reslab.experiments.parallel)
 
     def __post_init__(self):
         self.depths, self.seeds = list(self.depths), list(self.seeds)
@@ -87,6 +89,7 @@ class Table6Config:
         for depth in self.depths:
             get_model_spec(f"resnet{depth}")  # a depth that is not 6n+2 is refused here, with the reason
         check_epochs(self.epochs)
+        check_jobs(self.jobs)
 
     @classmethod
     def resumed(cls, folder: str, **given) -> Table6Config:
@@ -164,7 +167,8 @@ def run_table6(config: Table6Config, progress=None, stop=None) -> dict:
     started = time.perf_counter()
     runs = []
     summary: dict = {}
-    for (depth, seed), net in zip(config.runs, train_nets(train_configs, progress, resume=config.resume, stop=stop)):
+    nets = train_nets(train_configs, progress, resume=config.resume, stop=stop, jobs=config.jobs)
+    for (depth, seed), net in zip(config.runs, nets):
         runs.append(run_record(config, depth, seed, net))
         summary = _summary(config, out, runs, train_configs, time.perf_counter() - started)
         write_json(out / "summary.json", summary)
