@@ -135,15 +135,20 @@ def test_budget_run_is_the_run_of_its_epochs_and_resumes_bitwise_with_every_ingr
 
 @pytest.mark.parametrize("real_step", [2.0, 0.5])
 def test_budget_replans_from_the_real_epochs_and_ends_within_an_epoch_of_its_aim(folder, tmp_path, monkeypatch,
-                                                                                 real_step):
+                                                                                 capsys, real_step):
     clock, budget = FakeClock(monkeypatch), 60.0
 
     def change_speed(epoch, step):  # measured at 1 s a step; from the first real step on, `real_step`
         clock.STEP = real_step
         return False
 
-    summary = train(tiny_config(folder, tmp_path / "run", epochs=None, budget=budget), stop=change_speed)
+    summary = train(tiny_config(folder, tmp_path / "run", epochs=None, budget=budget, quiet=False),
+                    stop=change_speed)
     plan = summary["budget"]
+    # A line for each re-plan that changed the epochs; one that moved only the last epoch is recorded.
+    counts = [p["epochs"] for p in [{"epochs": plan["measured_epochs"]}, *plan["replans"]]]
+    changed = sum(a != b for a, b in zip(counts, counts[1:]))
+    assert capsys.readouterr().err.count("real epochs take") == changed >= 1
     # (0.98 x 60 - 5.5) // 4.25 = 12 whole epochs and 2 steps: the measurement's plan; the real epochs
     # are 4 x real_step + 0.25 s (the first one's first step at the measured speed).
     assert (plan["measured_epochs"], plan["replans"][0]["after_epoch"]) == (13, 1)

@@ -138,6 +138,9 @@ def replan(run: Run, bar: EpochBar) -> None:
             abs(last - run.budget["last_epoch_steps"]) < MIN_LAST_EPOCH * per_epoch):
         return  # the last epoch moves by less than a tenth of an epoch: settled before it begins
     before = epochs_words(run.cfg.epochs, run.budget["last_epoch_steps"], per_epoch)
+    # A line when the epochs change or the run ends; a last epoch that only grows or shrinks (an
+    # hour's plan drifts with the host: 16 re-plans in one run) is recorded in config.json alone.
+    told = epochs != run.cfg.epochs or epochs == p.epoch
     run.cfg = run.cfg.with_epochs(epochs)
     planned = now - watch.started + _epochs_seconds(epochs - p.epoch, last, per_epoch, epoch_seconds,
                                                     fixed) + final_seconds
@@ -148,8 +151,9 @@ def replan(run: Run, bar: EpochBar) -> None:
     records.write_config(run)
     now_words = epochs_words(epochs, last, per_epoch)
     ends = "no further epoch fits: the run ends" if epochs == p.epoch else f"{now_words} now, not {before}"
-    bar.print(f"budget {format_duration(run.budget['seconds'])}: real epochs take {epoch_seconds:.1f} s, not the "
-              f"{run.budget['epoch_seconds']:.1f} s measured: {ends} (planned end at {format_duration(planned)})")
+    if told:
+        bar.print(f"budget {format_duration(run.budget['seconds'])}: real epochs take {epoch_seconds:.1f} s, not the "
+                  f"{run.budget['epoch_seconds']:.1f} s measured: {ends} (planned end at {format_duration(planned)})")
     if epochs == p.epoch:
         p.stopped = "completed"
 
