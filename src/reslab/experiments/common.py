@@ -206,7 +206,7 @@ def train_nets(configs: dict, progress: Callable[[int, int, str], None] | None =
     if jobs > 1 and len(configs) > 1:
         from reslab.experiments.parallel import train_side_by_side
 
-        results = train_side_by_side(configs, progress, resume=resume, stop=stop, jobs=jobs,
+        results = train_side_by_side(configs, train_one, progress, resume=resume, stop=stop, jobs=jobs,
                                      quiet=all(cfg.quiet for cfg in configs.values()))
     else:
         results = _train_in_turn(configs, progress, resume, stop)

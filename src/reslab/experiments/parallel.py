@@ -37,12 +37,13 @@ def worker_threads(jobs: int) -> int:
     return max(1, torch.get_num_threads() // jobs)
 
 
-def train_side_by_side(configs: dict, progress: Callable[[int, int, str], None] | None, *, resume: str | None,
-                       stop: Callable[[str, int, int], bool] | None, jobs: int,
+def train_side_by_side(configs: dict, train_one: Callable, progress: Callable[[int, int, str], None] | None, *,
+                       resume: str | None, stop: Callable[[str, int, int], bool] | None, jobs: int,
                        quiet: bool) -> Iterator[tuple[str, object, dict]]:
     """(name, config, the trainer's summary) for each net of `configs`, in their order, trained by
-    up to `jobs` worker processes at once. `stop` travels to the workers, so it must be a
-    module-level function. The caller ends the experiment at a net that stopped early (closing this
+    up to `jobs` worker processes at once with `train_one(config, resume, stop hook)`
+    (reslab.experiments.common's). It and `stop` travel to the workers, so both must be
+    module-level functions. The caller ends the experiment at a net that stopped early (closing this
     generator stops the others, each with a checkpoint)."""
     from reslab.errors import ReslabError
     from reslab.train.bar import sigint_flag
@@ -63,8 +64,8 @@ def train_side_by_side(configs: dict, progress: Callable[[int, int, str], None] 
                     name = waiting.pop(0)
                     if progress is not None:
                         progress(order.index(name), len(order), name)
-                    worker = spawn.Process(target=_work, args=(name, configs[name], resume, stop, halt, threads,
-                                                               results), name=f"reslab-{name}")
+                    worker = spawn.Process(target=_work, args=(name, configs[name], train_one, resume, stop, halt,
+                                                               threads, results), name=f"reslab-{name}")
                     worker.start()
                     running[name] = [worker, None]  # the process, and when it was first seen exited
                     logged[name] = len(_logged_epochs(configs[name]))  # a resumed net's earlier epochs: not again
@@ -145,12 +146,12 @@ def _logged_epochs(cfg) -> list[dict]:
         return []
 
 
-def _work(name: str, cfg, resume: str | None, stop, halt, threads: int, results) -> None:
-    """A worker process: train `cfg` (as `train_one` does in turn) and send back its outcome."""
+def _work(name: str, cfg, train_one: Callable, resume: str | None, stop, halt, threads: int, results) -> None:
+    """A worker process: train `cfg` with `train_one` (as the experiment does in turn) and send back
+    its outcome."""
     import torch
 
     from reslab.errors import ReslabError
-    from reslab.experiments.common import train_one
 
     # The terminal's Ctrl-C reaches this process too: the trainer checkpoints on it while it trains;
     # before and after, the parent's event decides.
