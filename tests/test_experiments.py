@@ -348,6 +348,13 @@ def test_degradation_side_by_side_trains_the_nets_it_would_train_in_turn(env, tm
     assert len(err.splitlines()) == 1 and "--jobs takes a positive integer" in err
 
 
+def test_side_by_side_nets_share_the_threads(monkeypatch):
+    from reslab.experiments.parallel import worker_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert [worker_threads(jobs) for jobs in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+
+
 def test_degradation_paper_recipe_takes_its_own_lr():
     assert DegradationConfig().train_config("plain20", Path("x")).resolve().lr == 0.05
     assert DegradationConfig(recipe="paper").train_config("plain20", Path("x")).resolve().lr == 0.1

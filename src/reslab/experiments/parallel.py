@@ -54,7 +54,7 @@ def train_side_by_side(configs: dict, train_one: Callable, progress: Callable[[i
     waiting, running, finished, failures = list(order), {}, {}, []
     logged = {}  # per net begun: the epochs printed (or logged before it began here)
     handed = 0  # the nets handed back so far, in order
-    threads = worker_threads(jobs)
+    threads = worker_threads(min(jobs, len(order)))  # 2 nets on 16 threads with --jobs 4: 8 threads each
     with sigint_flag() as interrupted:
         try:
             while running or (waiting and not halt.is_set()):
