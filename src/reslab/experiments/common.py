@@ -51,15 +51,20 @@ def check_data(data: str) -> None:
         raise ReslabError(f"data not found: {data!r}; give {', '.join(NAMED)}, an image folder or a CIFAR tarball")
 
 
+def is_count(value) -> bool:
+    """Whether `value` is an int of at least 1 (a bool is not)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def check_jobs(jobs) -> None:
     """Refuse a number of nets to train at once that is not a positive integer."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+    if not is_count(jobs):
         raise ReslabError(f"--jobs takes a positive integer (nets trained at once), got {jobs!r}")
 
 
 def check_epochs(epochs) -> None:
     """Refuse a schedule length that is not a whole number of epochs, at least one."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not is_count(epochs):
         raise ReslabError(f"--epochs must be an integer of at least 1, got {epochs!r}")
 
 

@@ -51,26 +51,29 @@ def train_side_by_side(configs: dict, train_one: Callable, progress: Callable[[i
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds OpenMP threads
     halt, results = spawn.Event(), spawn.Queue()
     order = list(configs)
-    waiting, running, finished, failures = list(order), {}, {}, []
-    logged = {}  # per net begun: the epochs printed (or logged before it began here)
-    handed = 0  # the nets handed back so far, in order
+    running, finished, failures = {}, {}, []
+    logged = {}  # per running net (unless quiet): its epochs printed, or logged before it began here
+    began = handed = 0  # the nets begun, and handed back, so far (both in order)
     threads = worker_threads(min(jobs, len(order)))  # 2 nets on 16 threads with --jobs 4: 8 threads each
     with sigint_flag() as interrupted:
         try:
-            while running or (waiting and not halt.is_set()):
+            while running or (began < len(order) and not halt.is_set()):
                 if interrupted.is_set():
                     halt.set()
-                while waiting and len(running) < jobs and not halt.is_set():
-                    name = waiting.pop(0)
+                while began < len(order) and len(running) < jobs and not halt.is_set():
+                    name = order[began]
                     if progress is not None:
-                        progress(order.index(name), len(order), name)
+                        progress(began, len(order), name)
+                    began += 1
                     worker = spawn.Process(target=_work, args=(name, configs[name], train_one, resume, stop, halt,
                                                                threads, results), name=f"reslab-{name}")
                     worker.start()
                     running[name] = [worker, None]  # the process, and when it was first seen exited
-                    logged[name] = len(_logged_epochs(configs[name]))  # a resumed net's earlier epochs: not again
-                    if logged[name] and not quiet:
-                        print(f"{name}: continues after epoch {logged[name]} of {configs[name].epochs}", flush=True)
+                    if not quiet:
+                        logged[name] = len(_logged_epochs(configs[name]))  # a resumed net's earlier epochs: not again
+                        if logged[name]:
+                            print(f"{name}: continues after epoch {logged[name]} of {configs[name].epochs}",
+                                  flush=True)
                 for name, outcome in _messages(results, running):
                     running.pop(name)[0].join()
                     if outcome[0] == "error":
@@ -79,8 +82,9 @@ def train_side_by_side(configs: dict, train_one: Callable, progress: Callable[[i
                         finished[name] = outcome[1]
                     if outcome[0] == "error" or outcome[1].get("interrupted"):
                         halt.set()  # as in turn: the experiment stops at a net that did not finish
-                if not quiet:
-                    _print_epochs(configs, logged)
+                _print_epochs(configs, logged)
+                for name in [name for name in logged if name not in running]:
+                    del logged[name]  # ended: its last epochs are printed
                 # Each net as soon as those before it are in (the experiment writes its summary after
                 # each); one that stopped early ends the experiment, and the `finally` below stops the rest.
                 while handed < len(order) and order[handed] in finished:
@@ -125,7 +129,7 @@ def _messages(results, running: dict) -> list[tuple[str, tuple]]:
 
 
 def _print_epochs(configs: dict, logged: dict) -> None:
-    """One line for each epoch a net begun here logged since the last look (its metrics.csv)."""
+    """One line for each epoch a net of `logged` logged since the last look (its metrics.csv)."""
     for name in logged:
         cfg = configs[name]
         rows = _logged_epochs(cfg)
