@@ -262,6 +262,18 @@ def test_myrtle_resnet9_has_pages_layers_and_parameter_count():
     assert model(x).shape == (2, 3) and create_model("myrtle_resnet9", num_classes=0)(x).shape == (2, 512)
 
 
+def test_myrtle_resnet9_quarter_is_the_same_net_at_a_quarter_of_its_width():
+    """reslab's budget net for CIFAR-sized colour images: Page's layers with 16/32/64/128 channels."""
+    conv_bn = lambda cin, cout: 9 * cin * cout + 2 * cout  # noqa: E731
+    by_hand = (conv_bn(3, 16) + conv_bn(16, 32) + 2 * conv_bn(32, 32) + conv_bn(32, 64)
+               + conv_bn(64, 128) + 2 * conv_bn(128, 128) + 128 * 10)
+    quarter, full = create_model("myrtle_resnet9_quarter"), create_model("myrtle_resnet9")
+    assert _params(quarter) == by_hand == 412_944
+    assert [name for name, _ in quarter.named_parameters()] == [name for name, _ in full.named_parameters()]
+    assert get_model_spec("myrtle_resnet9_quarter").depth == 9
+    assert quarter.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 128, 4, 4)
+
+
 def test_myrtle_resnet9_trains_through_the_cli_on_digits(tmp_path, one_thread):
     from reslab.cli import main
 

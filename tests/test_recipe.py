@@ -260,6 +260,37 @@ def test_photo_folder_defaults_apply_to_folders_from_scratch_only(folder):
         assert (resolved.mixup, resolved.cutmix, resolved.ema, resolved.random_erasing) == (0, 0, 0, 0)
 
 
+def test_small_colour_images_and_cifar_under_a_budget_take_the_quarter_width_resnet9(folder, tmp_path):
+    """Measured on the CIFAR-10 JPEG copy's 45k/5k split (benchmarks/RESULTS.md, "CIFAR-10 in 30
+    minutes: the net"): under a 30-minute budget myrtle_resnet9_quarter beat resnet20 (0.861 against
+    0.838); a fixed number of epochs and small gray images keep resnet20."""
+    from reslab.data.folder import PHOTO_DEFAULTS, SMALL_COLOUR_BUDGET_MODEL
+    from reslab.train.loop import _photo_lines
+
+    quarter = SMALL_COLOUR_BUDGET_MODEL["model"]
+    budget = TrainConfig(data=str(folder), budget=600.0).resolve()  # 16 px colour images
+    assert (budget.model, budget.image_size, budget.augment, budget.lr, budget.epochs) == (
+        quarter, 32, "cifar", PHOTO_DEFAULTS["lr"], None)
+    assert TrainConfig(data=str(folder), epochs=3).resolve().model == "resnet20"
+    gray = make_folder(tmp_path / "gray", per_class=4, size=16, gray=True)
+    assert TrainConfig(data=str(gray), budget=600.0).resolve().model == "resnet20"
+    # The CIFAR data sets take the same choice under a budget, and only then.
+    for data in ("cifar10", "cifar100"):
+        cifar = TrainConfig(data=data, budget=600.0).resolve()
+        assert (cifar.model, cifar.lr, cifar.augment) == (quarter, PHOTO_DEFAULTS["lr"], "cifar"), data
+        plain = TrainConfig(data=data, epochs=2).resolve()
+        assert (plain.model, plain.lr, plain.augment) == ("resnet20", TrainConfig().resolve().lr, None), data
+    given = TrainConfig(data="cifar10", budget=600.0, model="resnet32", lr=0.1).resolve()
+    assert (given.model, given.lr, given.image_size) == ("resnet32", 0.1, None)
+    assert TrainConfig(data="digits", budget=600.0).resolve().model == "resnet20"
+    # The start line says what the budget chose, and for which data.
+    cifar_line, = _photo_lines(TrainConfig(data="cifar10", budget=600.0), TrainConfig(data="cifar10", budget=600.0).resolve())
+    assert cifar_line.startswith("CIFAR from scratch (CIFAR's 32 px colour images under a budget")
+    assert f"{quarter} at 32 px, --lr 0.05, --augment cifar" in cifar_line and '"CIFAR-10"' in cifar_line
+    folder_line, = _photo_lines(TrainConfig(data=str(folder), budget=600.0), budget)
+    assert folder_line.startswith("photo folder from scratch (") and "under a budget take Page's ResNet-9" in folder_line
+
+
 @pytest.mark.parametrize("count, side, expected", [(1_800, 300, ("resnet18", 112, 30)),
                                                    (60_000, 28, ("resnet20", 32, 6)),
                                                    (6_000, 500, ("resnet18", 112, 10))])

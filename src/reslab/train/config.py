@@ -22,8 +22,11 @@ left out: the model, input size, epochs, SGD learning rate and ingredients (augm
 random erasing, mixup, cutmix, EMA) of `reslab.data.folder.PHOTO_DEFAULTS`, chosen by measurement
 (benchmarks/RESULTS.md, "Small photo folders"); small images (40 px or less) take resnet20 at 32 px,
 and small gray ones also the recipe's lr, no augmentation and no training mirror ("Small images:
-defaults measured"). An explicit --model drops only the model's stem and input size from them.
-Other data (digits, CIFAR) keep resnet20 and every ingredient off.
+defaults measured"); under --budget small colour ones take myrtle_resnet9_quarter ("CIFAR-10 in 30
+minutes: the net"). An explicit --model drops only the model's stem and input size from them.
+The CIFAR data sets (cifar10, cifar100, a CIFAR archive) take that budget choice for small colour
+folders (the net, lr 0.05, flip and 4-pixel crop) under --budget; other data (digits, and CIFAR
+for a fixed number of epochs) keep resnet20 and every ingredient off.
 
 `budget` (seconds) leaves `epochs` open: the trainer measures this machine's step and evaluation
 times, then fixes the epochs that fit (`with_epochs`); config.json records the epochs so chosen.
@@ -317,22 +320,34 @@ class TrainConfig:
 
 def photo_defaults(cfg: TrainConfig) -> dict:
     """The photo-folder defaults (reslab.data.folder.photo_choice: PHOTO_DEFAULTS for this folder's
-    image size and count) that apply to `cfg`: a folder trained from scratch with the fast recipe;
+    image size and count, and under --budget a CIFAR data set's: folder.cifar_budget_choice) that
+    apply to `cfg`: a folder trained from scratch with the fast recipe;
     the model's stem and input size only with the model. An explicit --model keeps the rest (epochs,
     lr, augmentation, mirror, ingredients): they are the folder's, measured (folder.PHOTO_MODEL_CHOICE)."""
-    from reslab.data.folder import PHOTO_MODEL_CHOICE, is_image_folder, photo_choice
+    return data_choice(cfg)[0]
 
-    if cfg.recipe != "fast" or cfg.pretrained is not None or not is_image_folder(cfg.data):
-        return {}
-    chosen = photo_choice(cfg.data)[0]
+
+def data_choice(cfg: TrainConfig) -> tuple[dict, str]:
+    """`photo_defaults` and why, in words: a photo folder's choice (folder.photo_choice), or under
+    --budget a CIFAR data set's (folder.cifar_budget_choice); nothing for other data or recipes."""
+    from reslab.data.folder import PHOTO_MODEL_CHOICE, cifar_budget_choice, is_cifar_data, is_image_folder, photo_choice
+
+    if cfg.recipe != "fast" or cfg.pretrained is not None:
+        return {}, ""
+    if is_image_folder(cfg.data):
+        chosen, why = photo_choice(cfg.data, budget=cfg.budget is not None)
+    elif cfg.budget is not None and is_cifar_data(cfg.data):
+        chosen, why = cifar_budget_choice()
+    else:
+        return {}, ""
     if cfg.model is not None:
         for key in PHOTO_MODEL_CHOICE:
             chosen.pop(key)
     if cfg.budget is not None:
-        chosen.pop("epochs")
+        chosen.pop("epochs", None)
     if cfg.optimizer not in (None, "sgd"):
         chosen.pop("lr", None)  # an SGD learning rate; Adam's comes from the recipe
-    return chosen
+    return chosen, why
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
