@@ -284,11 +284,13 @@ def test_small_colour_images_and_cifar_under_a_budget_take_the_quarter_width_res
     assert (given.model, given.lr, given.image_size) == ("resnet32", 0.1, None)
     assert TrainConfig(data="digits", budget=600.0).resolve().model == "resnet20"
     # The start line says what the budget chose, and for which data.
-    cifar_line, = _photo_lines(TrainConfig(data="cifar10", budget=600.0), TrainConfig(data="cifar10", budget=600.0).resolve())
+    given = TrainConfig(data="cifar10", budget=600.0)
+    cifar_line, = _photo_lines(given, given.resolve())
     assert cifar_line.startswith("CIFAR from scratch (CIFAR's 32 px colour images under a budget")
     assert f"{quarter} at 32 px, --lr 0.05, --augment cifar" in cifar_line and '"CIFAR-10"' in cifar_line
     folder_line, = _photo_lines(TrainConfig(data=str(folder), budget=600.0), budget)
-    assert folder_line.startswith("photo folder from scratch (") and "under a budget take Page's ResNet-9" in folder_line
+    assert folder_line.startswith("photo folder from scratch (")
+    assert "under a budget take Page's ResNet-9" in folder_line
 
 
 @pytest.mark.parametrize("count, side, expected", [(1_800, 300, ("resnet18", 112, 30)),

@@ -80,6 +80,8 @@ SMALL_COLOUR_RECIPE = {"augment": "cifar"}
 # (benchmarks/RESULTS.md, "CIFAR-10 in 30 minutes: the net"). Measured under a budget only: a run
 # of fixed epochs keeps resnet20.
 SMALL_COLOUR_BUDGET_MODEL = {"model": "myrtle_resnet9_quarter", "stem": None, "image_size": 32}
+SMALL_COLOUR_BUDGET_WHY = ("small colour images under a budget take Page's ResNet-9 at a quarter width at 32 px "
+                           "and the paper's flip and 4-pixel crop")
 # PHOTO_DEFAULTS' 30 epochs are for a folder of about 2,000 images (the measured task); a bigger one
 # gets fewer, so that about PHOTO_IMAGES_SEEN images are shown in all, but never fewer than the fast
 # recipe's 6: 60,000 MNIST-style images train 6 epochs, not 30.
@@ -148,10 +150,6 @@ def photo_choice(spec: str, budget: bool = False) -> tuple[dict, str]:
     if epochs != PHOTO_DEFAULTS["epochs"] and not budget:
         why += f"; {epochs} epochs show about {PHOTO_IMAGES_SEEN:,} images"
     return chosen, why
-
-
-SMALL_COLOUR_BUDGET_WHY = ("small colour images under a budget take Page's ResNet-9 at a quarter width at 32 px "
-                           "and the paper's flip and 4-pixel crop")
 
 
 def cifar_budget_choice() -> tuple[dict, str]:
