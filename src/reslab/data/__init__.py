@@ -93,7 +93,7 @@ def _load(spec: str, *, image_size, val_split, seed, data_dir, quiet) -> DataBun
 
     options = dict(image_size=image_size, val_split=val_split, seed=seed, data_dir=data_dir, quiet=quiet)
     path = Path(spec).expanduser()
-    if spec in cifar.ARCHIVES or (path.exists() and cifar.is_cifar_path(path)):
+    if cifar.is_cifar_data(spec):
         return cifar.load_cifar(spec, **options)
     if not path.exists():
         raise ReslabError(

@@ -170,6 +170,11 @@ def _archive_of_folder(path: Path) -> tuple[Archive, Path] | None:
     return None
 
 
+def is_cifar_data(spec: str) -> bool:
+    """Whether --data `spec` names CIFAR-10/100, a CIFAR archive or an extracted CIFAR folder."""
+    return spec in ARCHIVES or is_cifar_path(Path(spec).expanduser())
+
+
 def is_cifar_path(path: Path) -> bool:
     """Whether a path given as --data is a CIFAR tarball or an extracted CIFAR folder."""
     if path.is_file():

@@ -160,13 +160,6 @@ def cifar_budget_choice() -> tuple[dict, str]:
     return chosen, "CIFAR's 32 px colour images under a budget: the choice for small colour folders"
 
 
-def is_cifar_data(spec: str) -> bool:
-    """Whether --data `spec` names a CIFAR data set: cifar10, cifar100, a CIFAR tarball or its folder."""
-    from reslab.data import cifar
-
-    return spec in cifar.ARCHIVES or (isinstance(spec, str) and cifar.is_cifar_path(Path(spec).expanduser()))
-
-
 def is_image_folder(spec: str) -> bool:
     """Whether --data `spec` names an image folder (rather than digits, CIFAR, or nothing)."""
     from reslab.data import cifar

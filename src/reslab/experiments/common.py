@@ -29,18 +29,12 @@ def default_image_size(data: str) -> int:
     return NATIVE_SIZES.get(data, get_model_spec("resnet20").image_size)
 
 
-def is_cifar(data: str) -> bool:
-    """Whether `data` names CIFAR-10/100 or a CIFAR archive or extracted folder (reslab.data.cifar)."""
-    from reslab.data import cifar
-
-    path = Path(data).expanduser()
-    return data in cifar.ARCHIVES or (path.exists() and cifar.is_cifar_path(path))
-
-
 def has_test_split(data: str) -> bool:
     """Whether the trainer will find a test split in `data`: the digits and CIFAR have one; an image
     folder only as a test/ subfolder (reslab.data.folder)."""
-    return data == "digits" or is_cifar(data) or (Path(data).expanduser() / "test").is_dir()
+    from reslab.data.cifar import is_cifar_data
+
+    return data == "digits" or is_cifar_data(data) or (Path(data).expanduser() / "test").is_dir()
 
 
 def check_data(data: str) -> None:

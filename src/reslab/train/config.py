@@ -330,7 +330,8 @@ def photo_defaults(cfg: TrainConfig) -> dict:
 def data_choice(cfg: TrainConfig) -> tuple[dict, str]:
     """`photo_defaults` and why, in words: a photo folder's choice (folder.photo_choice), or under
     --budget a CIFAR data set's (folder.cifar_budget_choice); nothing for other data or recipes."""
-    from reslab.data.folder import PHOTO_MODEL_CHOICE, cifar_budget_choice, is_cifar_data, is_image_folder, photo_choice
+    from reslab.data.cifar import is_cifar_data
+    from reslab.data.folder import PHOTO_MODEL_CHOICE, cifar_budget_choice, is_image_folder, photo_choice
 
     if cfg.recipe != "fast" or cfg.pretrained is not None:
         return {}, ""
