@@ -327,20 +327,21 @@ def photo_defaults(cfg: TrainConfig) -> dict:
     return data_choice(cfg)[0]
 
 
-def data_choice(cfg: TrainConfig) -> tuple[dict, str]:
-    """`photo_defaults` and why, in words: a photo folder's choice (folder.photo_choice), or under
-    --budget a CIFAR data set's (folder.cifar_budget_choice); nothing for other data or recipes."""
+def data_choice(cfg: TrainConfig) -> tuple[dict, str, str]:
+    """`photo_defaults`, why in words, and for what ("photo folder" or "CIFAR"): a photo folder's
+    choice (folder.photo_choice), or under --budget a CIFAR data set's (folder.cifar_budget_choice);
+    nothing ({}, "", "") for other data or recipes."""
     from reslab.data.cifar import is_cifar_data
     from reslab.data.folder import PHOTO_MODEL_CHOICE, cifar_budget_choice, is_image_folder, photo_choice
 
     if cfg.recipe != "fast" or cfg.pretrained is not None:
-        return {}, ""
+        return {}, "", ""
     if is_image_folder(cfg.data):
-        chosen, why = photo_choice(cfg.data, budget=cfg.budget is not None)
+        (chosen, why), source = photo_choice(cfg.data, budget=cfg.budget is not None), "photo folder"
     elif cfg.budget is not None and is_cifar_data(cfg.data):
-        chosen, why = cifar_budget_choice()
+        (chosen, why), source = cifar_budget_choice(), "CIFAR"
     else:
-        return {}, ""
+        return {}, "", ""
     if cfg.model is not None:
         for key in PHOTO_MODEL_CHOICE:
             chosen.pop(key)
@@ -348,7 +349,7 @@ def data_choice(cfg: TrainConfig) -> tuple[dict, str]:
         chosen.pop("epochs", None)
     if cfg.optimizer not in (None, "sgd"):
         chosen.pop("lr", None)  # an SGD learning rate; Adam's comes from the recipe
-    return chosen, why
+    return chosen, why, source
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}

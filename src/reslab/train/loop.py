@@ -352,12 +352,11 @@ def _setup(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None
 
 def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
     """What the photo-folder defaults chose for a new run, and why (nothing when none applied)."""
-    from reslab.data.folder import is_image_folder
     from reslab.train.config import data_choice
 
     if given.resume:
         return []
-    defaults, why = data_choice(given)
+    defaults, why, source = data_choice(given)
     chosen = {k: v for k, v in defaults.items() if getattr(given, k) is None}
     if not chosen:
         return []
@@ -373,8 +372,8 @@ def _photo_lines(given: TrainConfig, cfg: TrainConfig) -> list[str]:
     parts += ["--no-flip"] if chosen.get("flip") is False else []
     parts += [f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in ("random_erasing", "mixup", "cutmix", "ema")
               if k in chosen]
-    what, where = ("photo folder", "Train on your own photos") if is_image_folder(given.data) else ("CIFAR", "CIFAR-10")
-    return [f"{what} from scratch ({why}): {', '.join(parts)}: what learned best within a time budget on "
+    where = "Train on your own photos" if source == "photo folder" else "CIFAR-10"
+    return [f"{source} from scratch ({why}): {', '.join(parts)}: what learned best within a time budget on "
             f"2 CPU cores (README, \"{where}\"); the options of the same names override them"]
 
 
