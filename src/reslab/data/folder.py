@@ -133,7 +133,7 @@ def photo_choice(spec: str, budget: bool = False) -> tuple[dict, str]:
     chosen = dict(PHOTO_DEFAULTS)
     epochs = min(PHOTO_DEFAULTS["epochs"], max(PHOTO_MIN_EPOCHS, round(PHOTO_IMAGES_SEEN / max(count, 1))))
     chosen["epochs"] = epochs
-    why = f"{count:,} images of about {side} px"
+    why = facts = f"{count:,} images of about {side} px"
     if 0 < side <= SMALL_IMAGE_SIDE:
         chosen.update(SMALL_PHOTO_MODEL)
         why += f": small {'gray ' if gray else ''}images take the CIFAR net at {SMALL_PHOTO_MODEL['image_size']} px"
@@ -146,7 +146,7 @@ def photo_choice(spec: str, budget: bool = False) -> tuple[dict, str]:
             why += ", the paper's flip and 4-pixel crop"
             if budget:
                 chosen.update(SMALL_COLOUR_BUDGET_MODEL)
-                why = f"{count:,} images of about {side} px: {SMALL_COLOUR_BUDGET_WHY}"
+                why = f"{facts}: {SMALL_COLOUR_BUDGET_WHY}"
     if epochs != PHOTO_DEFAULTS["epochs"] and not budget:
         why += f"; {epochs} epochs show about {PHOTO_IMAGES_SEEN:,} images"
     return chosen, why

@@ -172,8 +172,8 @@ register(MyrtleSpec("myrtle_resnet9", (64, 128, 256, 512), (True, False, True), 
 
 # The same net at a quarter of its width (16 to 128 channels, 1/16 of the arithmetic): reslab's choice
 # for CIFAR-sized colour images under --budget on a CPU, where the full net trains an epoch of 45k
-# images in about 14 minutes and this one in about 75 s (benchmarks/RESULTS.md, "CIFAR-10 in 30 minutes:
-# the net").
+# images in about 14 minutes (from its step time) and this one in 53-108 s (whole epochs of the budget
+# runs; benchmarks/RESULTS.md, "CIFAR-10 in 30 minutes: the net").
 register(MyrtleSpec("myrtle_resnet9_quarter", (16, 32, 64, 128), (True, False, True), 0.125,
                     "myrtle_resnet9 at a quarter of its width (reslab; measured in benchmarks/RESULTS.md)"))
 
